@@ -1,0 +1,98 @@
+"""``clipray train``: one training run in this process, with a progress bar and files on disk.
+
+Output directory::
+
+    config.yaml      the resolved experiment
+    checkpoint.pt    latest full training state (atomic); also what ``clipray score`` takes
+    metrics.jsonl    one line per checkpoint: epoch metrics, clean recall on val
+
+An existing run is never overwritten: continue it with ``--resume`` or choose another directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from clipray.config import ConfigError, Experiment
+from clipray.train import build_trainer, load_checkpoint, save_checkpoint
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+class _FileHooks:
+    """Rank-0 hooks of a local run: progress bar, checkpoint file, metrics lines."""
+
+    def __init__(self, out: Path, bar: tqdm | None):
+        self.out, self.bar = out, bar
+        self.last: dict[str, float] = {}
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+
+    def on_checkpoint(self, metrics: dict[str, float], blob: dict[str, Any] | None) -> None:
+        if blob is not None:
+            save_checkpoint(self.out / CHECKPOINT, blob)
+        with open(self.out / METRICS, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.last = metrics
+        if self.bar is not None and "val/rsum" in metrics:
+            self.bar.write(
+                f"epoch {metrics['epoch']:.0f}: loss {metrics['train/loss']:.3f}  "
+                f"val rsum {metrics['val/rsum']:.1f}  "
+                f"{metrics['train/samples_per_s']:.0f} samples/s"
+            )
+
+
+def _prepare(exp: Experiment, out: Path, resume: bool) -> dict[str, Any] | None:
+    """Check the output directory and return the checkpoint to continue from, if any."""
+    ckpt = out / CHECKPOINT
+    if not resume:
+        if ckpt.exists() or (out / METRICS).exists():
+            raise ConfigError(
+                f"{out}: a run is already there; pass --resume or choose another --out"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
+        return None
+    if not ckpt.exists():
+        raise ConfigError(f"{out}: nothing to resume (no {CHECKPOINT})")
+    blob = load_checkpoint(ckpt)
+    if blob["config"] != exp.to_dict():
+        raise ConfigError(f"{out}: the checkpoint was made with a different config; not resuming")
+    _truncate_metrics(out / METRICS, int(blob["step"]))
+    return blob
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from, so none repeat."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def train_locally(
+    exp: Experiment, out: Path, device: torch.device, resume: bool = False, progress: bool = True
+) -> dict[str, float]:
+    """Train to the end (or from the last checkpoint) and return the final epoch's metrics."""
+    blob = _prepare(exp, out, resume)
+    trainer = build_trainer(exp, device, resume=blob)
+    bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", disable=not progress)
+    hooks = _FileHooks(out, bar)
+    try:
+        trainer.fit(hooks)
+    finally:
+        bar.close()
+    return hooks.last

@@ -1,0 +1,31 @@
+"""Shared fixtures: small experiments on the real tiny models and the real synthetic data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from clipray.config import Experiment, load_experiment
+
+os.environ.setdefault("CLIPRAY_TEST", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def small_experiment(*overrides: str) -> Experiment:
+    """The default experiment shrunk so a training run takes a second or two."""
+    base = [
+        "data.train_size=64",
+        "data.val_size=16",
+        "data.test_size=16",
+        "train.batch_size=16",
+        "train.epochs=1",
+        "train.warmup_steps=2",
+    ]
+    return load_experiment(None, base + list(overrides))
+
+
+@pytest.fixture
+def small_exp() -> Experiment:
+    return small_experiment()

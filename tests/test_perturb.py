@@ -1,0 +1,119 @@
+"""Feature-level PGD: stays in its ball, raises the loss, costs no parameter gradients."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipray.config import PerturbConfig
+from clipray.loss import symmetric_ce
+from clipray.model import BUNDLED_MODELS  # noqa: F401  (registers the bundled configs)
+from clipray.perturb import NORMS, feature_scale, get_norm, pgd, split_at
+from clipray.towers import split_tower
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return open_clip.create_model("clipray-tiny-vit")
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 1000, (8, 32), generator=g)
+    tokens[:, 12] = 49407
+    tokens[:, 13:] = 0
+    return torch.randn(8, 3, 64, 64, generator=g), tokens
+
+
+def _objective(model, batch, tower):
+    """Loss of the perturbed tower's features against the other tower's fixed features."""
+    images, tokens = batch
+    with torch.no_grad():
+        other = (
+            model.encode_text(tokens, True)
+            if tower == "image"
+            else model.encode_image(images, True)
+        )
+    scale = model.logit_scale.exp().detach()
+
+    def objective(feats):
+        f = F.normalize(feats[tower], dim=-1)
+        return symmetric_ce(f, other, scale) if tower == "image" else symmetric_ce(other, f, scale)
+
+    return objective
+
+
+def _point(model, batch, tower, layer):
+    x = batch[0] if tower == "image" else batch[1]
+    return split_at(split_tower(model, tower), x, layer)
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_delta_stays_inside_its_ball(model, batch, norm, mode, tower):
+    cfg = PerturbConfig(
+        tower=tower, layer=1, epsilon=0.3, steps=3, norm=norm, epsilon_mode=mode, step_size=0.5
+    )  # a large step so projection matters
+    point = _point(model, batch, tower, 1)
+    torch.manual_seed(0)
+    delta = pgd({tower: point}, _objective(model, batch, tower), cfg)[tower]
+    radius = cfg.epsilon * feature_scale(point.hidden, cfg, 0)
+    size = get_norm(norm).measure(delta, 0)
+    assert torch.all(size <= radius * (1 + 1e-5))
+    assert torch.all(size >= radius * 0.5)  # and it uses the ball, not a tiny corner of it
+    assert not delta.requires_grad
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_pgd_increases_the_loss_over_its_random_start(model, batch, tower, norm):
+    objective = _objective(model, batch, tower)
+    point = _point(model, batch, tower, 2)
+    start_cfg = PerturbConfig(tower=tower, layer=2, epsilon=0.5, steps=0, norm=norm)
+    cfg = start_cfg.model_copy(update={"steps": 5})
+    torch.manual_seed(3)
+    start = pgd({tower: point}, objective, start_cfg)[tower]  # steps=0: the random start itself
+    torch.manual_seed(3)
+    final = pgd({tower: point}, objective, cfg)[tower]
+    with torch.no_grad():
+        loss_at = lambda d: float(objective({tower: point.finish(d)}))  # noqa: E731
+        assert loss_at(final) > loss_at(start) > loss_at(None) - 0.5
+
+
+def test_pgd_computes_no_parameter_gradients(model, batch):
+    model.zero_grad(set_to_none=True)
+    point = _point(model, batch, "image", 0)
+    cfg = PerturbConfig(layer=0, epsilon=0.2, steps=2)
+    pgd({"image": point}, _objective(model, batch, "image"), cfg)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_relative_epsilon_follows_the_feature_scale(model, batch):
+    cfg = PerturbConfig(epsilon=0.1, epsilon_mode="relative", norm="linf")
+    h = torch.randn(4, 5, 6) * torch.tensor([1.0, 10.0, 100.0, 1000.0]).view(4, 1, 1)
+    rms = h.pow(2).mean(dim=(1, 2)).sqrt()
+    torch.testing.assert_close(feature_scale(h, cfg, 0).flatten(), rms)
+    l2 = cfg.model_copy(update={"norm": "l2"})
+    torch.testing.assert_close(feature_scale(h, l2, 0).flatten(), h.flatten(1).norm(dim=1))
+    assert float(feature_scale(h, cfg.model_copy(update={"epsilon_mode": "absolute"}), 0)) == 1.0
+
+
+def test_batchnorm_statistics_are_untouched_by_pgd_passes(batch):
+    torch.manual_seed(0)
+    rn = open_clip.create_model("clipray-tiny-rn").train()
+    point = split_at(split_tower(rn, "image"), batch[0], 1)
+    before = {k: v.clone() for k, v in rn.state_dict().items() if "running" in k}
+    cfg = PerturbConfig(layer=1, epsilon=0.2, steps=3)
+    pgd({"image": point}, _objective(rn, batch, "image"), cfg)
+    after = {k: v for k, v in rn.state_dict().items() if "running" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_unknown_norm_lists_the_known_ones():
+    with pytest.raises(ValueError, match="known: linf, l2"):
+        get_norm("l1")
