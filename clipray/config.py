@@ -12,6 +12,7 @@ Only plain dicts cross process boundaries: :meth:`Experiment.to_dict` and
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -169,14 +170,18 @@ class TrainConfig(_Section):
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="None: at every epoch end only"
     )
-    log_every_steps: int = Field(10, ge=1)
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint")
 
 
 # ---------------------------------------------------------------------------------------- eval
 class ScorerConfig(_Section):
     num_actors: int = Field(2, ge=1, description="one per core on this 2-core machine")
-    cpus_per_actor: float = Field(1.0, gt=0.0)
+    cpus_per_actor: float = Field(
+        0.5,
+        gt=0.0,
+        description="Ray's logical share; torch threads = ceil(cpus). Scoring runs "
+        "between trainings, so the pool need not reserve whole cores",
+    )
     gpus_per_actor: float = Field(0.0, ge=0.0)
 
 
@@ -196,6 +201,8 @@ class EvalConfig(_Section):
     def _check(self) -> EvalConfig:
         from clipray.corrupt import resolve_corruptions
 
+        if not self.corruptions:
+            raise ValueError("eval.corruptions: expected at least one corruption name or group")
         try:
             resolve_corruptions(self.corruptions)
         except ValueError as e:
@@ -218,7 +225,9 @@ class TrackingConfig(_Section):
 
 # --------------------------------------------------------------------------------------- sweep
 class SearcherConfig(_Section):
-    sampler: Literal["tpe", "random", "cmaes", "nsga2"] = "tpe"
+    sampler: Literal["tpe", "random", "nsga2", "gp", "grid"] = Field(
+        "tpe", description="Optuna sampler; grid enumerates choice/grid params"
+    )
     seed: int = 0
     multi_objective: bool = Field(
         False, description="maximise clean and corrupted retrieval jointly"
@@ -241,7 +250,12 @@ class SweepConfig(_Section):
     baseline: bool = Field(True, description="evaluate epsilon=0 first as the reference")
     searcher: SearcherConfig = SearcherConfig()
     asha: AshaConfig = AshaConfig()
-    cpus_per_trial: float = Field(0.5, gt=0.0, description="the trial driver only waits")
+    cpus_per_trial: float = Field(0.1, gt=0.0, description="the trial driver only waits")
+
+    @model_validator(mode="after")
+    def _space_exists(self) -> SweepConfig:
+        _require_file(self.space, "sweep.space")
+        return self
 
 
 # ---------------------------------------------------------------------------------- experiment
@@ -259,10 +273,17 @@ class Experiment(_Section):
 
     @model_validator(mode="after")
     def _check_model_and_layer(self) -> Experiment:
-        from clipray.model import tower_depths
+        from clipray.corrupt import MIN_SIDE
+        from clipray.model import image_size, tower_depths
 
         depths = tower_depths(self.model.name)  # raises ValueError for unknown models
+        check_pretrained(self.model)
         check_layer(self.perturb, depths)
+        if image_size(self.model.name) < MIN_SIDE:
+            raise ValueError(
+                f"model.name: {self.model.name} takes {image_size(self.model.name)} px images; "
+                f"corruptions need at least {MIN_SIDE} px"
+            )
         if self.train.batch_size % self.train.num_workers:
             raise ValueError(
                 f"train.batch_size: {self.train.batch_size} does not split evenly across "
@@ -273,6 +294,29 @@ class Experiment(_Section):
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict; round-trips through :func:`experiment_from_dict`."""
         return self.model_dump(mode="json")
+
+
+def check_pretrained(model: ModelConfig) -> None:
+    """A local weights file that exists, or a tag open_clip knows for this architecture."""
+    import open_clip
+
+    value = model.pretrained
+    if value is None or Path(value).is_file():
+        return
+    if _looks_like_file(value):
+        raise ValueError(f"model.pretrained: file not found: {value}")
+    tags = open_clip.list_pretrained_tags_by_model(model.name)
+    if value not in tags:
+        known = ", ".join(tags) if tags else "none for this architecture"
+        raise ValueError(
+            f"model.pretrained: {value!r} is neither a file nor a pretrained tag of "
+            f"{model.name} (known tags: {known})"
+        )
+
+
+def torch_threads(cpus: float) -> int:
+    """Threads for a process granted ``cpus`` logical CPUs: at least one, fractions rounded up."""
+    return max(1, math.ceil(cpus))
 
 
 def check_layer(perturb: PerturbConfig, depths: dict[str, int]) -> None:
@@ -310,9 +354,19 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         for key in ("train", "val", "test", "image_root", "path"):
             if isinstance(data.get(key), str):
                 data[key] = str((base / data[key]).resolve())
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("pretrained"), str):
+        candidate = base / model["pretrained"]
+        if candidate.is_file() or _looks_like_file(model["pretrained"]):
+            model["pretrained"] = str(candidate.resolve())
     sweep = raw.get("sweep")
     if isinstance(sweep, dict) and isinstance(sweep.get("space"), str):
         sweep["space"] = str((base / sweep["space"]).resolve())
+
+
+def _looks_like_file(value: str) -> bool:
+    """A path rather than an open_clip pretrained tag (tags have no slash or file suffix)."""
+    return "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz"))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -323,16 +377,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value) if value else None
 
 
+def set_path(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    """``raw[a][b][c] = value`` for ``path = [a, b, c]``, creating sections on the way."""
+    node = raw
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path)}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
     for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = value
+        set_path(raw, *parse_override(text))
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -379,10 +437,11 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
 def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
     for key, value in src.items():
         old = dst.get(key)
-        switches_kind = (
-            isinstance(value, dict)
+        switches_kind = (  # a data section of another kind replaces the old one whole
+            key == "data"
+            and isinstance(value, dict)
             and isinstance(old, dict)
-            and (value.get("kind", old.get("kind")) != old.get("kind"))
+            and _data_kind({"kind": _data_kind(old), **value}) != _data_kind(old)
         )
         if isinstance(value, dict) and isinstance(old, dict) and not switches_kind:
             _deep_merge(dst[key], value)

@@ -61,8 +61,6 @@ def _prepare(exp: Experiment, out: Path, resume: bool) -> dict[str, Any] | None:
             raise ConfigError(
                 f"{out}: a run is already there; pass --resume or choose another --out"
             )
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
         return None
     if not ckpt.exists():
         raise ConfigError(f"{out}: nothing to resume (no {CHECKPOINT})")
@@ -88,11 +86,14 @@ def train_locally(
 ) -> dict[str, float]:
     """Train to the end (or from the last checkpoint) and return the final epoch's metrics."""
     blob = _prepare(exp, out, resume)
-    trainer = build_trainer(exp, device, resume=blob)
+    trainer = build_trainer(exp, device, resume=blob)  # bad data or config fails before any write
+    if blob is None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
     bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", disable=not progress)
     hooks = _FileHooks(out, bar)
     try:
         trainer.fit(hooks)
     finally:
         bar.close()
-    return hooks.last
+    return hooks.last or (trainer.history[-1] if trainer.history else {})

@@ -13,6 +13,8 @@ Nothing here downloads: a ``pretrained`` tag must already be in open_clip's cach
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import numpy as np
 import open_clip
 import torch
 
-from clipray.config import ModelConfig
+from clipray.config import ModelConfig, check_pretrained
 
 BUNDLED_CONFIG_DIR = Path(__file__).parent / "model_configs"
 BUNDLED_MODELS = tuple(sorted(p.stem for p in BUNDLED_CONFIG_DIR.glob("*.json")))
@@ -62,6 +64,17 @@ def _architecture(name: str) -> dict[str, Any]:
     return cfg
 
 
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def tower_depths(name: str) -> dict[str, int]:
     """Perturbable blocks per tower, read from the architecture config (no model is built)."""
     cfg = _architecture(name)
@@ -84,20 +97,26 @@ def image_size(name: str) -> int:
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ClipModel:
     """Build the architecture, then load ``pretrained`` weights (tag or file) if given."""
     tower_depths(cfg.name)  # validates the name and tower types
+    check_pretrained(cfg)
     pretrained_file = cfg.pretrained and Path(cfg.pretrained).is_file()
     tag = None if (cfg.pretrained is None or pretrained_file) else cfg.pretrained
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip chatter
-    model = open_clip.create_model(cfg.name, pretrained=tag, device=device)
+    with _quiet_root_logger():  # open_clip warns "no pretrained weights" for every random init
+        model = open_clip.create_model(cfg.name, pretrained=tag, device=device)
     if pretrained_file:
         load_weights(model, Path(cfg.pretrained), device=device)
     pp = model.visual.preprocess_cfg
     return ClipModel(
         model=model,
-        tokenizer=open_clip.get_tokenizer(cfg.name),
+        tokenizer=tokenizer(cfg.name),
         image_size=image_size(cfg.name),
         mean=tuple(pp["mean"]),
         std=tuple(pp["std"]),
     )
+
+
+def tokenizer(name: str) -> Any:
+    with _quiet_root_logger():
+        return open_clip.get_tokenizer(name)
 
 
 def load_weights(model: torch.nn.Module, path: Path, device: torch.device | str = "cpu") -> None:

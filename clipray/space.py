@@ -15,6 +15,8 @@ and validates; ``sweep.py`` turns a space into Ray Tune distributions.
 
 from __future__ import annotations
 
+import itertools
+import math
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -89,6 +91,7 @@ Distribution = Annotated[
 ]
 _DIST = TypeAdapter(Distribution)
 DIST_TYPES = ("choice", "grid", "uniform", "loguniform", "int")
+MAX_COMBINATIONS = 512  # joint check of extremes: a few ms each, so well under a second
 
 
 class SearchSpace(BaseModel):
@@ -98,19 +101,29 @@ class SearchSpace(BaseModel):
     params: dict[str, Distribution]
 
     def check_against(self, exp: Experiment) -> None:
-        """Every extreme value of every distribution must give a valid experiment."""
+        """Every combination of extreme values must give a valid experiment.
+
+        Combinations matter (a layer valid for the image tower may not exist in the text tower),
+        so all of them are tried when there are at most ``MAX_COMBINATIONS``; beyond that, each
+        parameter's extremes are tried on their own.
+        """
         base = exp.to_dict()
-        for path, dist in self.params.items():
-            for value in dist.extremes():
-                raw = _deepcopy(base)
-                apply_overrides(raw, [f"{path}={_yaml_scalar(value)}"])
-                try:
-                    experiment_from_dict(raw, self.source)
-                except ConfigError as e:
-                    detail = str(e).split(": ", 1)[-1]
-                    raise ConfigError(
-                        f"{self.source}: {path}: value {value!r} is invalid: {detail}"
-                    ) from None
+        paths = list(self.params)
+        extremes = [self.params[p].extremes() for p in paths]
+        if math.prod(len(e) for e in extremes) <= MAX_COMBINATIONS:
+            combos = itertools.product(*extremes)
+            points = [dict(zip(paths, combo, strict=True)) for combo in combos]
+        else:
+            points = [{p: v} for p, values in zip(paths, extremes, strict=True) for v in values]
+        for point in points:
+            raw = _deepcopy(base)
+            apply_overrides(raw, [f"{p}={_yaml_scalar(v)}" for p, v in point.items()])
+            try:
+                experiment_from_dict(raw, self.source)
+            except ConfigError as e:
+                detail = str(e).split(": ", 1)[-1]
+                values = ", ".join(f"{p}={v!r}" for p, v in point.items())
+                raise ConfigError(f"{self.source}: {values} is invalid: {detail}") from None
 
 
 def _deepcopy(d: Any) -> Any:
@@ -166,7 +179,9 @@ def parse_space(raw: dict[str, Any], source: str) -> SearchSpace:
             err = e.errors()[0]
             where = ".".join(str(p) for p in err["loc"][1:] if p not in DIST_TYPES)
             msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "union_tag_invalid":
+            if err["type"] == "union_tag_not_found":
+                msg = f"missing 'type'; expected one of {', '.join(DIST_TYPES)}"
+            elif err["type"] == "union_tag_invalid":
                 msg = f"unknown type {spec.get('type')!r}; expected one of {', '.join(DIST_TYPES)}"
             raise ConfigError(f"{source}: {path}{'.' + where if where else ''}: {msg}") from None
     return SearchSpace(source=source, params=params)
