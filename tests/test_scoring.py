@@ -1,0 +1,418 @@
+"""Scoring pool: pure planning against brute force, and real Ray actors on real tiny models.
+
+The Ray tests share one runtime, two checkpoints of a briefly trained tiny CLIP, one cache
+directory and two pools (1 actor with a cold cache, then 2 actors over the same cache), so every
+actor start (seconds on this machine) is paid once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from clipray import corrupt as C
+from clipray import scoring as S
+from clipray.cli import main
+from clipray.config import ModelConfig
+from clipray.corrupt import corrupt_batch
+from clipray.data import load_split
+from clipray.encode import embed_images, embed_texts
+from clipray.metrics import (
+    cell_key,
+    clean_key,
+    corruption_summary,
+    flatten_cell_metrics,
+    flatten_clean,
+    flatten_summary,
+    retrieval_recall,
+)
+from clipray.model import build_model, load_weights
+from clipray.train import build_trainer, save_checkpoint
+from tests.conftest import small_experiment
+
+CPU = torch.device("cpu")
+CORRUPTIONS, SEVERITIES = ("zoom_blur", "gaussian_noise"), (1, 3)
+N_CELLS = 1 + len(CORRUPTIONS) * len(SEVERITIES)
+POOL = "test-scoring-pool"
+
+
+def eval_overrides(cache: Path) -> list[str]:
+    """16 eval images, 2 corruptions x 2 severities; half a CPU per actor so that the two pools
+    and the command's pool fit together in a 2-CPU runtime."""
+    return [
+        "data.test_size=24",
+        "eval.max_images=16",
+        f"eval.corruptions={list(CORRUPTIONS)}",
+        f"eval.severities={list(SEVERITIES)}",
+        "eval.batch_size=6",  # several batches per cell
+        "eval.scorers.num_actors=1",
+        "eval.scorers.cpus_per_actor=0.5",
+        f"eval.cache_dir={cache}",
+    ]
+
+
+def files_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+# ------------------------------------------------------------------------------ pure planning
+@pytest.mark.parametrize("name", list(C.REGISTRY))
+def test_every_corruption_has_a_build_cost(name):
+    assert S.BUILD_COST[name] > 0
+    assert set(S.BUILD_COST) == set(C.REGISTRY)
+
+
+def test_eval_cells_clean_first_then_config_order():
+    exp = small_experiment("eval.corruptions=[fog, extra]", "eval.severities=[5, 1]")
+    cells = S.eval_cells(exp.eval)
+    assert cells[0] == S.CLEAN
+    assert cells[1:] == [(c, s) for c in ("fog", *C.GROUPS["extra"]) for s in (1, 5)]
+    with pytest.raises(ValueError, match="eval.corruptions: empty"):
+        S.eval_cells(small_experiment("eval.corruptions=[]").eval)
+
+
+def optimal_makespan(costs: list[float], n: int, cap: int) -> float:
+    """Brute force over every assignment with at most ``cap`` cells per actor."""
+    best = math.inf
+    for assignment in itertools.product(range(n), repeat=len(costs)):
+        if max(assignment.count(k) for k in range(n)) <= cap:
+            loads = [0.0] * n
+            for cost, k in zip(costs, assignment, strict=True):
+                loads[k] += cost
+            best = min(best, max(loads))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_assignment_is_a_balanced_partition_near_the_optimum(seed):
+    rng = random.Random(seed)
+    n_cells, n = rng.randint(1, 8), rng.randint(1, 3)
+    cells = [(f"c{i}", rng.randint(1, 5)) for i in range(n_cells)]
+    costs = {cell: float(rng.randint(0, 9)) for cell in cells}
+    shards = S.assign_cells(cells, n, costs.__getitem__)
+    assert len(shards) == n
+    assert sorted(c for s in shards for c in s) == sorted(cells)  # every cell exactly once
+    cap = math.ceil(n_cells / n)
+    assert max(map(len, shards)) <= cap
+    assert all(s == [c for c in cells if c in s] for s in shards)  # input order kept
+    makespan = max(sum(costs[c] for c in s) for s in shards)
+    assert makespan <= 4 / 3 * optimal_makespan(list(costs.values()), n, cap) + 1e-9
+
+
+def test_assignment_is_deterministic_and_independent_of_input_order():
+    cells = S.eval_cells(small_experiment("eval.corruptions=[all]").eval)
+    shards = S.assign_cells(cells, 3)
+    shuffled = cells[:]
+    random.Random(0).shuffle(shuffled)
+    again = S.assign_cells(shuffled, 3)
+    assert [sorted(s) for s in again] == [sorted(s) for s in shards]
+    assert S.assign_cells(cells, 3) == shards
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_default_sweep_cells_split_evenly_in_count_and_build_cost(n):
+    cells = S.eval_cells(small_experiment("eval.severities=[1, 3, 5]").eval)
+    shards = S.assign_cells(cells, n)
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    loads = [sum(map(S.cell_cost, s)) for s in shards]
+    lower_bound = max(sum(loads) / n, max(map(S.cell_cost, cells)))
+    assert max(loads) <= 1.1 * lower_bound
+    cap = math.ceil(len(cells) / n)
+    naive = [cells[k * cap : (k + 1) * cap] for k in range(n)]  # contiguous blocks
+    assert max(loads) < 0.8 * max(sum(map(S.cell_cost, s)) for s in naive)
+
+
+@pytest.mark.parametrize(
+    "cells, n, match",
+    [
+        ([S.CLEAN], 0, "n_actors"),
+        ([S.CLEAN], True, "n_actors"),
+        ([S.CLEAN, S.CLEAN], 2, "distinct"),
+    ],
+)
+def test_assignment_rejects_bad_input(cells, n, match):
+    with pytest.raises(ValueError, match=match):
+        S.assign_cells(cells, n)
+
+
+def fake_flat(clean: float, cells: dict) -> dict:
+    return flatten_clean({"rsum": clean}) | flatten_cell_metrics(
+        {cell: {"rsum": r} for cell, r in cells.items()}
+    )
+
+
+def test_with_reference_adds_ce_by_the_imagenet_c_formulas():
+    model = fake_flat(500.0, {("fog", 1): 450.0, ("fog", 3): 300.0, ("snow", 1): 420.0})
+    ref = fake_flat(480.0, {("fog", 1): 400.0, ("fog", 3): 240.0, ("snow", 1): 420.0})
+    out = S.with_reference(model, ref)
+
+    def err(r):
+        return 1 - r / 600
+
+    ce_fog = 100 * (err(450) + err(300)) / (err(400) + err(240))
+    rel_fog = 100 * (err(450) + err(300) - 2 * err(500)) / (err(400) + err(240) - 2 * err(480))
+    rel_snow = 100 * (err(420) - err(500)) / (err(420) - err(480))
+    assert out["agg/ce/fog"] == pytest.approx(ce_fog)
+    assert out["agg/ce/snow"] == pytest.approx(100.0)
+    assert out["agg/mce"] == pytest.approx((ce_fog + 100) / 2)
+    assert out["agg/relative_mce"] == pytest.approx((rel_fog + rel_snow) / 2)
+    assert out["agg/mean_corrupted_rsum"] == pytest.approx((450 + 300 + 420) / 3)
+    assert {k: v for k, v in out.items() if not k.startswith("agg/")} == model
+    assert S.with_reference(ref, ref)["agg/mce"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="reference cells"):
+        S.with_reference(model, fake_flat(480.0, {("fog", 1): 400.0}))
+    with pytest.raises(ValueError, match="clean/rsum"):
+        S.with_reference({}, ref)
+
+
+def tiny_blob(name: str, config_name: str | None = None) -> dict:
+    config = small_experiment().to_dict()
+    config["model"]["name"] = config_name or name
+    return {"config": config, "model": build_model(ModelConfig(name=name)).model.state_dict()}
+
+
+@pytest.mark.parametrize(
+    "blob, match",
+    [
+        ("not a dict", "expected a checkpoint dict"),
+        ({"model": {}}, "no experiment config"),
+        ({"model": {}, "config": {"model": {"name": "nope"}}}, "unknown model 'nope'"),
+        (lambda: tiny_blob("clipray-tiny-rn"), "model 'clipray-tiny-rn' .* does not match"),
+        (lambda: tiny_blob("clipray-tiny-rn", "clipray-tiny-vit"), "does not fit"),
+    ],
+)
+def test_foreign_weights_are_rejected_in_one_line(blob, match):
+    with pytest.raises(ValueError, match=match) as info:
+        S.build_weights_model(blob() if callable(blob) else blob, "clipray-tiny-vit")
+    assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("scoring-cache")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, cache_dir) -> dict:
+    """Two checkpoints of one tiny model (initial and trained 8 steps), files and blobs."""
+    out = tmp_path_factory.mktemp("checkpoints")
+    exp = small_experiment("train.epochs=2", *eval_overrides(cache_dir))
+    trainer = build_trainer(exp, CPU)
+    blobs = {"initial": trainer.state_dict()}
+
+    class Quiet:
+        def on_step(self, step, metrics): ...
+
+        def on_checkpoint(self, metrics, blob): ...
+
+    trainer.fit(Quiet())
+    blobs["trained"] = trainer.state_dict()
+    for name, blob in blobs.items():
+        save_checkpoint(out / f"{name}.pt", blob)
+    return {"exp": exp, "blobs": blobs, "files": {n: out / f"{n}.pt" for n in blobs}}
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_runtime, checkpoints):
+    """One actor, cold cache: ready() builds every cell; then it scores the trained model."""
+    pool = S.ScorerPool.create(checkpoints["exp"])
+    info = pool.ready()
+    flat = pool.score(checkpoints["blobs"]["trained"])
+    pool.shutdown()
+    return info, flat
+
+
+@pytest.fixture(scope="module")
+def pool_two(ray_runtime, checkpoints, first_run):
+    """Two actors over the cache the first pool built, as a named pool."""
+    cache = Path(checkpoints["exp"].eval.cache_dir)
+    exp = small_experiment(*eval_overrides(cache), "eval.scorers.num_actors=2")
+    pool = S.ScorerPool.create(exp, name=POOL)
+    yield pool, pool.ready()
+    pool.shutdown()
+
+
+def direct_result(checkpoints: dict) -> dict:
+    """The same numbers computed in this process without the pool, the cache or Ray."""
+    exp = checkpoints["exp"]
+    split = load_split(exp.data, "test").subset(16)
+    clip = build_model(exp.model)
+    load_weights(clip.model, checkpoints["files"]["trained"])
+    clip.model.eval()
+    texts, owner = split.flat_captions()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in an actor with half a CPU: same float reductions
+    try:
+        text_emb = embed_texts(clip, clip.tokenize(texts), 6, CPU)
+        images = split.load_all(64)
+
+        def recall(batch):
+            return retrieval_recall(embed_images(clip, batch, 6, CPU), text_emb, owner)
+
+        clean = recall(images)
+        cells = {
+            (c, s): recall(corrupt_batch(images, c, s, exp.eval.seed))
+            for c in CORRUPTIONS
+            for s in SEVERITIES
+        }
+    finally:
+        torch.set_num_threads(threads)
+    summary = corruption_summary(clean, cells)
+    return flatten_clean(clean) | flatten_cell_metrics(cells) | flatten_summary(summary)
+
+
+# ------------------------------------------------------------------------------ Ray tests
+@pytest.mark.ray
+def test_pool_result_equals_a_direct_computation(first_run, checkpoints, cache_dir):
+    info, flat = first_run
+    assert (info["cells"], info["actors"], info["builds"], info["hits"]) == (N_CELLS, 1, 4, 0)
+    assert len(files_under(cache_dir)) == 4
+    assert flat == direct_result(checkpoints)
+    assert list(flat)[:7] == [
+        clean_key(m) for m in ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10", "rsum")
+    ]
+    assert cell_key("zoom_blur", 3, "rsum") in flat and "agg/mmi" in flat
+
+
+@pytest.mark.ray
+def test_two_actors_give_identical_results_and_build_nothing(first_run, pool_two, checkpoints):
+    pool, info = pool_two
+    assert info["actors"] == 2 and sorted(map(len, info["shards"])) == [2, 3]
+    assert (info["builds"], info["hits"]) == (0, 4)
+    assert pool.score(checkpoints["blobs"]["trained"]) == first_run[1]
+
+
+@pytest.mark.ray
+def test_captions_embedded_once_per_checkpoint_and_no_corruption_work(pool_two, checkpoints):
+    pool, _ = pool_two
+    before = pool.stats()
+    results = [pool.score(checkpoints["blobs"][n]) for n in ("initial", "trained", "initial")]
+    after = pool.stats()
+    assert results[0] == results[2] != results[1]
+    assert after["text_embeds"] - before["text_embeds"] == 3
+    assert after["checkpoint_loads"] - before["checkpoint_loads"] == 3 * 2  # once per actor
+    assert after["cells_scored"] - before["cells_scored"] == 3 * N_CELLS
+    assert (after["builds"], after["hits"]) == (0, 4)
+
+
+@pytest.mark.ray
+def test_named_pool_serves_concurrent_callers_in_other_processes(pool_two, checkpoints):
+    pool, _ = pool_two
+    expected = pool.score(checkpoints["blobs"]["initial"])
+
+    @ray.remote(num_cpus=0)
+    def trial(name, weights_box):
+        return S.ScorerPool.lookup(name).score(weights_box[0])
+
+    ref = ray.put(checkpoints["blobs"]["initial"])
+    remote = [trial.remote(POOL, [ref]) for _ in range(2)]
+    local = pool.score_async(ref)
+    assert ray.get(remote) == [expected, expected] and ray.get(local) == expected
+
+
+@pytest.mark.ray
+def test_killed_actor_is_replaced_and_the_result_is_identical(pool_two, checkpoints):
+    pool, _ = pool_two
+    weights = checkpoints["blobs"]["trained"]
+    expected = pool.score(weights)
+    before = pool.stats()
+    pending = pool.score_async(weights)
+    ray.kill(pool.workers()[0])  # while the request is in flight
+    assert ray.get(pending) == expected
+    ray.kill(pool.workers()[1])  # between requests
+    assert pool.score(weights) == expected
+    after = pool.stats()
+    assert after["replaced"] - before["replaced"] == 2 and after["actors"] == 2
+    assert after["builds"] == 0  # the replacements loaded their cells from the cache
+
+
+@pytest.mark.ray
+def test_pool_rejects_foreign_weights_in_one_line(pool_two):
+    pool, _ = pool_two
+    for blob, match in (
+        (tiny_blob("clipray-tiny-rn", "clipray-tiny-vit"), "does not fit clipray-tiny-vit"),
+        (tiny_blob("clipray-tiny-rn"), "does not match the pool's model"),
+        ({"model": {}}, "no experiment config"),
+    ):
+        with pytest.raises(ValueError, match=match) as info:
+            pool.score(blob)
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.ray
+def test_score_command_end_to_end(first_run, checkpoints, capsys, tmp_path):
+    out = tmp_path / "result.json"
+    path = str(checkpoints["files"]["trained"])
+    assert main(["score", path, "--json", str(out), "--actors", "1", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(out.read_text()) == first_run[1]
+    assert "| zoom_blur |" in captured.out and "clean/rsum" in captured.out
+    assert "built 0, loaded from cache 4" in captured.err
+    assert ray.is_initialized()  # a runtime it did not start is left running
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temp file left
+
+
+# ------------------------------------------------------------------------------ bad input
+def empty_split_file(tmp_path: Path) -> Path:
+    """An experiment whose CSV test table has a header and no rows."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    (tmp_path / "train.csv").write_text("filepath,caption\na.png,a black square\n")
+    (tmp_path / "empty.csv").write_text("filepath,caption\n")
+    path = tmp_path / "exp.yaml"
+    path.write_text("data:\n  kind: csv\n  train: train.csv\n  val: train.csv\n  test: empty.csv\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("unknown corruption", "unknown corruption 'smudge'; known corruptions: gaussian_noise"),
+        ("severity", "eval.severities: expected a non-empty list of integers 1-5, got [6]"),
+        ("missing", "file not found"),
+        ("truncated", "cannot be read"),
+        ("architecture", "does not fit clipray-tiny-vit"),
+        ("empty split", "the test split is empty"),
+    ],
+)
+def test_score_command_bad_input_is_one_line_exit_2_and_writes_nothing(
+    case, match, checkpoints, tmp_path, capsys
+):
+    cache = tmp_path / "cache"
+    ckpt = str(checkpoints["files"]["trained"])
+    args = {
+        "unknown corruption": [ckpt, "--corruptions", "fog", "smudge"],
+        "severity": [ckpt, "--severities", "1", "6"],
+        "missing": [str(tmp_path / "nope.pt")],
+        "truncated": [str(tmp_path / "cut.pt")],
+        "architecture": [str(tmp_path / "rn.pt")],
+        "empty split": [ckpt, str(empty_split_file(tmp_path))],
+    }[case]
+    data = checkpoints["files"]["trained"].read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    save_checkpoint(
+        tmp_path / "rn.pt",
+        {**checkpoints["blobs"]["trained"], "model": tiny_blob("clipray-tiny-rn")["model"]},
+    )
+    was_up = ray.is_initialized()
+    assert main(["score", *args, "--set", f"eval.cache_dir={cache}", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("clipray: error: ") and match in err
+    assert files_under(cache) == []
+    assert ray.is_initialized() == was_up  # validated before any Ray runtime was started
