@@ -18,18 +18,21 @@ from clipray.config import ConfigError, Experiment, load_experiment, read_yaml
 DEFAULT_SWEEP = Path(__file__).resolve().parent.parent / "sweeps" / "default.yaml"
 
 
-def _looks_like_space(raw: dict[str, Any]) -> bool:
-    return bool(raw) and all(isinstance(v, dict) and "type" in v for v in raw.values())
+def _looks_like_space(path: Path, raw: dict[str, Any]) -> bool:
+    """Search-space files live in search_spaces/ or have dotted top-level keys (config paths)."""
+    return "search_spaces" in path.resolve().parts or (
+        bool(raw) and all("." in str(k) for k in raw)
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate experiment and search-space files; print each resolved config."""
-    from clipray.space import load_space, parse_space
+    from clipray.space import load_space
 
     for name in args.files:
         path = Path(name)
         raw = read_yaml(path)
-        if _looks_like_space(raw):
+        if _looks_like_space(path, raw):
             space = load_space(path)
             print(f"# {path}: search space OK ({len(space.params)} parameters)")
             print(
@@ -38,8 +41,6 @@ def cmd_check(args: argparse.Namespace) -> int:
                 )
             )
             continue
-        if not raw and path.suffix in (".yaml", ".yml") and "search_spaces" in path.parts:
-            parse_space(raw, str(path))  # raises the empty-space error
         exp = load_experiment(path, args.set)
         if exp.sweep.space is not None:
             load_space(exp.sweep.space, exp)
@@ -70,6 +71,60 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score one checkpoint file on corrupted retrieval with a local pool of Ray actors."""
+    from clipray import scoring
+    from clipray.train import load_checkpoint
+
+    blob = load_checkpoint(Path(args.checkpoint))
+    extra = [f"eval.scorers.num_actors={args.actors}"] if args.actors is not None else []
+    for key, value in (("corruptions", args.corruptions), ("severities", args.severities)):
+        extra += [f"eval.{key}={json.dumps(value)}"] if value is not None else []
+    exp = scoring.command_experiment(blob, args.file, args.set + extra, args.checkpoint)
+    flat, info = scoring.score_checkpoint(exp, blob, progress=not args.quiet)
+    print(scoring.rsum_table(flat))
+    print(
+        f"# {info['cells']} cells on {info['actors']} actors; corrupted sets built "
+        f"{info['builds']}, loaded from cache {info['hits']}",
+        file=sys.stderr,
+    )
+    if args.json:
+        scoring.write_json_atomic(Path(args.json), flat)
+    return 0
+
+
+def _sweep_inputs(file: str | None, overrides: list[str], space_path: str | None):
+    from clipray.space import load_space
+
+    exp = load_experiment(file or DEFAULT_SWEEP, overrides)
+    path = Path(space_path) if space_path else exp.sweep.space
+    if path is None:
+        raise ConfigError("sweep.space: no search space; set it in the sweep file or pass --space")
+    if space_path:  # recorded in the config, so --resume sees the same sweep
+        exp = exp.model_copy(
+            update={"sweep": exp.sweep.model_copy(update={"space": path.resolve()})}
+        )
+    return exp, load_space(path, exp)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run (or with --resume continue) a sweep."""
+    from clipray.sweep import run_sweep
+
+    exp, space = _sweep_inputs(args.file, args.set, args.space)
+    run_sweep(exp, space, resume=args.resume)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue the sweep stored in a directory."""
+    from clipray.sweep import load_plan, run_sweep
+
+    exp, space = load_plan(args.directory)
+    run_sweep(exp, space, resume=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipray", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -94,6 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+
+    s = with_set(sub.add_parser("score", help="score a checkpoint on corrupted retrieval (Ray)"))
+    s.add_argument("checkpoint", help="a clipray training checkpoint (its config is the default)")
+    s.add_argument("file", nargs="?", help="experiment file whose storage/data/eval sections win")
+    s.add_argument("--corruptions", nargs="+", metavar="NAME", help="names or groups")
+    s.add_argument("--severities", nargs="+", type=int, metavar="K", help="integers 1-5")
+    s.add_argument("--actors", type=int, metavar="N", help="scorer actors (eval.scorers)")
+    s.add_argument("--json", metavar="OUT", help="also write the flat metrics dict here")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_score)
+
+    s = with_set(sub.add_parser("sweep", help="run a sweep (default: sweeps/default.yaml)"))
+    s.add_argument("file", nargs="?", help="experiment file (default: the built-in default sweep)")
+    s.add_argument("--space", help="search space file (default: the file's sweep.space)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    s.set_defaults(func=cmd_sweep)
+
+    r = sub.add_parser("resume", help="continue the sweep stored in DIRECTORY")
+    r.add_argument("directory", help="<storage>/<name> of the sweep")
+    r.set_defaults(func=cmd_resume)
     return p
 
 

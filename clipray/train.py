@@ -132,6 +132,7 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, self.cfg.warmup_steps, self.total_steps)
         )
         self.step = 0
+        self.history: list[dict[str, float]] = []  # metrics of every checkpoint, kept in it
         self.autocast = torch.autocast(
             device.type,
             dtype=torch.bfloat16,
@@ -204,6 +205,7 @@ class Trainer:
         if self.ranks.rank == 0 and validate:
             val = clean_retrieval(self.clip, self.val_split, self.exp.eval.batch_size, self.device)
             metrics.update({f"val/{k}": v for k, v in val.items()})
+        self.history.append(metrics)
         hooks.on_checkpoint(metrics, self.state_dict() if self.ranks.rank == 0 else None)
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -217,6 +219,7 @@ class Trainer:
             "optimizer": _to_cpu_copy(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
+            "history": list(self.history),
             "rng": {"scheme": "reseeded per step", "seed": self.exp.seed},
             "config": self.exp.to_dict(),
         }
@@ -226,6 +229,7 @@ class Trainer:
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         self.step = int(blob["step"])
+        self.history = list(blob.get("history", []))
 
 
 def _to_cpu_copy(obj: Any) -> Any:

@@ -1,0 +1,82 @@
+"""Sweep storage: a local directory, an NFS path, or a ``scheme://`` URI (S3, GCS) via pyarrow.
+
+Multi-node sweeps need storage every node can reach (Ray Tune and Ray Train write trial results
+and checkpoints there); a local path is only right on one machine. Small files (the sweep
+manifest, the baseline's metrics) are read and written through these helpers so the same code
+serves every kind of storage. Writes are atomic where the filesystem allows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts]) if is_remote(base) else str(Path(base, *parts))
+
+
+def absolute(path: str) -> str:
+    """Remote URIs as given; local paths absolute, so every process agrees on them."""
+    return path if is_remote(path) else str(Path(path).expanduser().resolve())
+
+
+def _fs(path: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(path)
+
+
+def exists(path: str) -> bool:
+    if not is_remote(path):
+        return Path(path).exists()
+    fs, p = _fs(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def read_json(path: str) -> Any:
+    if not is_remote(path):
+        return json.loads(Path(path).read_text())
+    fs, p = _fs(path)
+    with fs.open_input_stream(p) as f:
+        return json.loads(f.read().decode())
+
+
+def write_json(path: str, data: Any) -> None:
+    """Write JSON atomically (temp file + rename) on local storage; one PUT on object stores."""
+    text = json.dumps(data, indent=1, sort_keys=True)
+    if not is_remote(path):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+        return
+    fs, p = _fs(path)
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode())
+
+
+def check_writable(path: str, field: str = "storage") -> None:
+    """Create ``path`` if needed and prove a file can be written there; ValueError otherwise."""
+    probe = join(path, f".clipray-write-test-{uuid.uuid4().hex}")
+    try:
+        if is_remote(path):
+            fs, p = _fs(path)
+            fs.create_dir(p, recursive=True)
+            with fs.open_output_stream(_fs(probe)[1]) as f:
+                f.write(b"ok")
+            fs.delete_file(_fs(probe)[1])
+        else:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            Path(probe).write_text("ok")
+            Path(probe).unlink()
+    except (OSError, ValueError) as e:  # pyarrow's errors subclass these
+        raise ValueError(f"{field}: cannot write to {path} ({e})") from None

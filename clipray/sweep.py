@@ -1,0 +1,457 @@
+"""``clipray sweep``: Ray Tune + Optuna over feature-perturbation configs, every trial trained with
+Ray Train, scored by the sweep's actor pool, logged to MLflow, resumable after any crash.
+
+Layout on storage (``<storage>/<name>/``): Tune's experiment state, ``clipray_sweep.json`` (the
+manifest: sweep id, resolved config, search space, MLflow ids — what ``--resume`` checks and
+reuses), ``train/<trial id>/`` (each trial's Ray Train run and checkpoints),
+``baseline_metrics.json`` (the epsilon = 0 trial's scores, the reference for mCE) and
+``best_config.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import ray
+import yaml
+from ray import tune
+
+from clipray import storage
+from clipray.config import ConfigError, Experiment, experiment_from_dict, set_path
+from clipray.distributed import make_trainer, read_checkpoint
+from clipray.report import csv_table, heatmap_png, rsum_table
+from clipray.scoring import ScorerPool, with_reference
+from clipray.searcher import BASELINE_KEY, make_scheduler, make_searcher, objectives, tune_space
+from clipray.space import SearchSpace
+from clipray.tracking import (
+    Tracking,
+    artifact_root,
+    finish,
+    flatten,
+    get_or_create_experiment,
+    log_artifacts,
+    log_metrics,
+    log_params,
+    metric_steps,
+    prepare_backend,
+    resolve_uri,
+    set_tags,
+    sweep_run,
+    trial_run,
+)
+
+MANIFEST = "clipray_sweep.json"
+BASELINE = "baseline_metrics.json"
+# Orchestration latency (BENCHMARKS.md): Ray Train's controller polls its workers every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and every report waits for a poll; the
+# preemption watcher and metrics exporters are extra actors/threads a sweep does not need.
+RAY_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",  # epoch reports carry no corrupted metrics yet
+    "RAY_AIR_NEW_OUTPUT": "0",  # the classic trial table, with the columns we choose
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a trial needs to know about its sweep; plain values, picklable."""
+
+    sweep_id: str
+    directory: str  # <storage>/<name>, absolute or a URI
+    experiment: dict[str, Any]
+    space: dict[str, Any]
+    tracking: Tracking
+
+    @property
+    def pool_name(self) -> str:
+        return f"clipray-scorer-{self.sweep_id}"
+
+
+# ------------------------------------------------------------------------------- trial side
+def trial_experiment(base: dict[str, Any], params: dict[str, Any]) -> Experiment:
+    """The sweep's experiment with this trial's sampled values at their dotted paths."""
+    raw = yaml.safe_load(yaml.safe_dump(base))  # deep copy of plain data
+    for path, value in params.items():
+        if path != BASELINE_KEY:
+            set_path(raw, path.split("."), value)
+    return experiment_from_dict(raw, "trial config")
+
+
+def run_trial(params: dict[str, Any], plan: Plan) -> None:
+    """One Tune trial: train (Ray Train), score (the pool), log (MLflow), report (Tune)."""
+    # 1. This trial's config and its MLflow child run (found again on resume, never duplicated).
+    exp = trial_experiment(plan.experiment, params)
+    trial_id = tune.get_context().get_trial_id()
+    client = plan.tracking.client()
+    run_id = trial_run(plan.tracking, trial_id, _trial_label(trial_id, params))
+    log_params(client, run_id, {**flatten(exp.to_dict()), "trial_id": trial_id})
+    try:
+        # 2. Train; a re-run of this trial continues from its own latest checkpoint.
+        result = make_trainer(
+            exp,
+            name=trial_id,
+            storage_path=storage.join(plan.directory, "train"),
+            tracking=plan.tracking,
+            run_id=run_id,
+        ).fit()
+        blob = read_checkpoint(result.checkpoint)
+        # 3. Score the final weights on every corruption x severity with the shared pool.
+        flat = ScorerPool.lookup(plan.pool_name).score(ray.put(blob))
+        flat = _with_baseline(flat, plan, is_baseline=not exp.perturb.active)
+        # 4. Log: the epoch history (filling any gap a crash left), final scores, artifacts.
+        steps = metric_steps(client, run_id, "train/loss")
+        for epoch in blob["history"]:
+            log_metrics(client, run_id, epoch, int(epoch["step"]), steps)
+        log_metrics(client, run_id, flat, int(blob["step"]), set())
+        _log_trial_artifacts(client, run_id, exp, flat, result.checkpoint.path, trial_id)
+        finish(client, run_id)
+    except BaseException:
+        finish(client, run_id, ok=False)
+        raise
+    # 5. Report to Tune: the objective, the last epoch's clean metrics, where the weights are.
+    last = {k: v for k, v in blob["history"][-1].items() if k.startswith(("val/", "train/"))}
+    tune.report(
+        {
+            **last,
+            **flat,
+            "epoch": float(exp.train.epochs),
+            "step": blob["step"],
+            "mlflow_run_id": run_id,
+            "checkpoint_path": result.checkpoint.path,
+        }
+    )
+
+
+def _trial_label(trial_id: str, params: dict[str, Any]) -> str:
+    if params.get(BASELINE_KEY):
+        return f"{trial_id} baseline"
+    short = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sorted(params.items()))
+    return f"{trial_id} {short}"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _with_baseline(flat: dict[str, float], plan: Plan, is_baseline: bool) -> dict[str, float]:
+    """Add mCE-style aggregates against the baseline; the baseline trial publishes itself."""
+    path = storage.join(plan.directory, BASELINE)
+    if is_baseline and not storage.exists(path):
+        storage.write_json(path, flat)
+    if storage.exists(path):
+        return with_reference(flat, storage.read_json(path))
+    return flat  # the baseline has not finished yet; the sweep fills these in at its end
+
+
+def _log_trial_artifacts(
+    client: Any,
+    run_id: str,
+    exp: Experiment,
+    flat: dict[str, float],
+    checkpoint_path: str,
+    trial_id: str,
+) -> None:
+    log_artifacts(
+        client,
+        run_id,
+        {
+            "config.yaml": yaml.safe_dump(exp.to_dict(), sort_keys=False),
+            "metrics.md": rsum_table(flat) + "\n",
+            "metrics.csv": csv_table(flat),
+            "rsum_heatmap.png": heatmap_png(flat, title=f"trial {trial_id}: retrieval RSUM"),
+            "checkpoint.txt": checkpoint_path + "\n",
+        },
+    )
+    set_tags(client, run_id, {"clipray.checkpoint": checkpoint_path})
+
+
+# ------------------------------------------------------------------------------ driver side
+def prepare(exp: Experiment, space: SearchSpace, resume: bool) -> Plan:
+    """Check storage, tracking and the sweep directory; create or reload the manifest."""
+    directory = storage.join(storage.absolute(exp.storage), exp.name)
+    storage.check_writable(storage.absolute(exp.storage), "storage")
+    manifest = storage.join(directory, MANIFEST)
+    space_dict = {k: v.model_dump() for k, v in space.params.items()}
+    if storage.exists(manifest):
+        if not resume:
+            raise ConfigError(
+                f"{directory}: a sweep named {exp.name!r} is already there; resume it with "
+                "--resume, or choose another name (--set name=...)"
+            )
+        saved = storage.read_json(manifest)
+        if saved["experiment"] != exp.to_dict() or saved["space"] != space_dict:
+            raise ConfigError(f"{directory}: that sweep was run with a different config or space")
+        return Plan(
+            saved["sweep_id"],
+            directory,
+            saved["experiment"],
+            saved["space"],
+            Tracking(**saved["tracking"]),
+        )
+    if resume:
+        raise ConfigError(f"{directory}: not a clipray sweep (no {MANIFEST}); nothing to resume")
+    uri = resolve_uri(exp)
+    prepare_backend(uri)
+    experiment_id = get_or_create_experiment(uri, exp.tracking.experiment, artifact_root(exp, uri))
+    sweep_id = f"{exp.name}-{uuid.uuid4().hex[:8]}"
+    tracking = Tracking(uri, experiment_id, sweep_run(uri, experiment_id, sweep_id, exp.name))
+    plan = Plan(sweep_id, directory, exp.to_dict(), space_dict, tracking)
+    storage.write_json(manifest, {**asdict(plan), "tracking": asdict(tracking)})
+    client = tracking.client()
+    log_params(client, tracking.parent_run_id, {**flatten(exp.to_dict()), "sweep_id": sweep_id})
+    log_artifacts(
+        client,
+        tracking.parent_run_id,
+        {
+            "config.yaml": yaml.safe_dump(exp.to_dict(), sort_keys=False),
+            "search_space.yaml": yaml.safe_dump(space_dict, sort_keys=False),
+        },
+    )
+    return plan
+
+
+def load_plan(directory: str) -> tuple[Experiment, SearchSpace]:
+    """Experiment and space of an existing sweep directory (``clipray resume DIR``)."""
+    from clipray.space import parse_space
+
+    manifest = storage.join(storage.absolute(directory), MANIFEST)
+    if not storage.exists(manifest):
+        raise ConfigError(f"{directory}: not a clipray sweep (no {MANIFEST})")
+    saved = storage.read_json(manifest)
+    return experiment_from_dict(saved["experiment"], manifest), parse_space(
+        saved["space"], manifest
+    )
+
+
+def check_resources(exp: Experiment, local: bool) -> None:
+    """The pool plus one trial must fit, or the first trial would wait forever."""
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    sc, tr = exp.eval.scorers, exp.train
+    pool = sc.num_actors * sc.cpus_per_actor
+    trial = exp.sweep.cpus_per_trial + tr.num_workers * tr.cpus_per_worker
+    if pool + trial > cpus + 1e-9:
+        message = (
+            f"eval.scorers / train.cpus_per_worker / sweep.cpus_per_trial: the scorer pool "
+            f"({sc.num_actors} x {sc.cpus_per_actor} CPU) and one trial ({exp.sweep.cpus_per_trial}"
+            f" + {tr.num_workers} x {tr.cpus_per_worker} CPU) need {pool + trial:g} CPUs; "
+            f"this Ray cluster has {cpus:g}"
+        )
+        if local:
+            raise ConfigError(message)
+        print(f"warning: {message} (waiting for the autoscaler)", flush=True)
+
+
+def init_ray() -> bool:
+    """Join the cluster when there is one (RAY_ADDRESS / ray up), else start Ray here.
+
+    Returns whether Ray runs on this machine only.
+    """
+    """Join the cluster when there is one (RAY_ADDRESS / ray up), else start Ray here."""
+    os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
+    if ray.is_initialized():
+        return len(ray.nodes()) == 1
+    runtime_env = {
+        "env_vars": {k: os.environ[k] for k in RAY_ENV},
+        "worker_process_setup_hook": "clipray._ray_setup.quiet_logs",
+    }
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env)
+        return False
+    ray.init(runtime_env=runtime_env)  # the dashboard also serves Ray's state API
+    return True
+
+
+class _TrialLines(tune.Callback):
+    """One line per finished trial, on the driver."""
+
+    def __init__(self, metric: str):
+        self.metric = metric  # (pickled into Tune's experiment state: plain values only)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        r = trial.last_result or {}
+        params = {k: v for k, v in trial.config.items() if k != BASELINE_KEY}
+        what = (
+            "baseline (epsilon=0)"
+            if trial.config.get(BASELINE_KEY)
+            else _trial_label("", params).strip()
+        )
+        nan = float("nan")
+        print(
+            f"trial {trial.trial_id} done: {what} | clean rsum {r.get('clean/rsum', nan):.1f}"
+            f" | {self.metric} {r.get(self.metric, nan):.1f}"
+            f" | robustness {r.get('agg/relative_robustness', nan):.3f}"
+            f" | {r.get('time_total_s', 0):.0f}s",
+            flush=True,
+        )
+
+
+def _tuner(exp: Experiment, space: SearchSpace, plan: Plan, resume: bool) -> tune.Tuner:
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, plan=plan), {"CPU": exp.sweep.cpus_per_trial}
+    )
+    metric, _ = objectives(exp)
+    if resume and tune.Tuner.can_restore(plan.directory):
+        return tune.Tuner.restore(
+            plan.directory, trainable, resume_unfinished=True, resume_errored=True
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=tune_space(space),
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(exp, space),
+            scheduler=make_scheduler(exp),
+            num_samples=exp.sweep.num_samples,
+            max_concurrent_trials=exp.sweep.max_concurrent_trials,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=exp.name,
+            storage_path=storage.absolute(exp.storage),
+            callbacks=[_TrialLines(metric if isinstance(metric, str) else metric[-1])],
+            failure_config=tune.FailureConfig(max_failures=1),
+            progress_reporter=_reporter(exp, space),
+            verbose=1,
+        ),
+    )
+
+
+def _reporter(exp: Experiment, space: SearchSpace) -> tune.CLIReporter:
+    """Tune's trial table: the searched values, training progress and the objective."""
+    return tune.CLIReporter(
+        parameter_columns={p: p.split(".")[-1] for p in space.params},
+        metric_columns={
+            "epoch": "epoch",
+            "train/loss": "loss",
+            "val/rsum": "val rsum",
+            "clean/rsum": "clean rsum",
+            exp.sweep.metric: exp.sweep.metric.split("/")[-1],
+        },
+        max_report_frequency=30,
+    )
+
+
+@dataclass
+class SweepSummary:
+    sweep_id: str
+    directory: str
+    trials: int
+    best_trial: str | None
+    best_value: float | None
+    best_checkpoint: str | None
+    tracking_uri: str
+
+
+def run_sweep(
+    exp: Experiment, space: SearchSpace, resume: bool = False, out: Callable[[str], None] = print
+) -> SweepSummary:
+    """Run (or resume) a sweep to ``num_samples`` trials; returns where the best one is."""
+    t0 = time.perf_counter()
+    # 1. Storage, tracking and the manifest — all bad input fails here, before any trial.
+    plan = prepare(exp, space, resume)
+    out(f"sweep {plan.sweep_id}: {exp.sweep.num_samples} trials, results in {plan.directory}")
+    # 2. Ray, and the scorer pool shared by all trials (its corrupted set comes from the cache).
+    check_resources(exp, local=init_ray())
+    pool = ScorerPool.create(exp, name=plan.pool_name)
+    info = pool.ready()
+    out(
+        f"scorer pool ready: {info['corrupted_cells']} corruption x severity cells on "
+        f"{info['actors']} actors, {info['builds']} built, {info['hits']} from cache "
+        f"({time.perf_counter() - t0:.0f}s)"
+    )
+    try:
+        # 3. Search: Tune + Optuna (+ ASHA), the baseline first.
+        results = _tuner(exp, space, plan, resume).fit()
+    finally:
+        pool.shutdown()
+    # 4. Wrap up: baseline aggregates for early finishers, the best trial, the parent run.
+    return _summarise(exp, plan, results, out)
+
+
+def _summarise(
+    exp: Experiment, plan: Plan, results: Any, out: Callable[[str], None]
+) -> SweepSummary:
+    metric = exp.sweep.metric
+    client = plan.tracking.client()
+    baseline_path = storage.join(plan.directory, BASELINE)
+    reference = storage.read_json(baseline_path) if storage.exists(baseline_path) else None
+    scored = [r for r in results if r.metrics and metric in r.metrics]
+    for r in scored:
+        if reference is not None and "agg/mce" not in r.metrics:
+            extra = {
+                k: v for k, v in with_reference(r.metrics, reference).items() if k not in r.metrics
+            }
+            log_metrics(client, r.metrics["mlflow_run_id"], extra, int(r.metrics["step"]), set())
+    best = None
+    if scored:
+        best = max(scored, key=lambda r: r.metrics[metric] * (1 if exp.sweep.mode == "max" else -1))
+        best_exp = trial_experiment(plan.experiment, best.config)
+        storage.write_json(
+            storage.join(plan.directory, "best_trial.json"),
+            {
+                "trial_id": best.metrics.get("trial_id"),
+                metric: best.metrics[metric],
+                "checkpoint": best.metrics.get("checkpoint_path"),
+                "config": best_exp.to_dict(),
+            },
+        )
+        _write_text(
+            storage.join(plan.directory, "best_config.yaml"),
+            yaml.safe_dump(best_exp.to_dict(), sort_keys=False),
+        )
+        log_metrics(
+            client,
+            plan.tracking.parent_run_id,
+            {f"best/{metric}": best.metrics[metric], "trials_scored": len(scored)},
+            0,
+            set(),
+        )
+    finish(client, plan.tracking.parent_run_id)
+    summary = SweepSummary(
+        plan.sweep_id,
+        plan.directory,
+        len(results),
+        best.metrics.get("trial_id") if best else None,
+        best.metrics[metric] if best else None,
+        best.metrics.get("checkpoint_path") if best else None,
+        plan.tracking.uri,
+    )
+    for line in summary_lines(summary, metric):
+        out(line)
+    return summary
+
+
+def _write_text(path: str, text: str) -> None:
+    if storage.is_remote(path):
+        import pyarrow.fs as pafs
+
+        fs, p = pafs.FileSystem.from_uri(path)
+        with fs.open_output_stream(p) as f:
+            f.write(text.encode())
+    else:
+        from pathlib import Path
+
+        Path(path).write_text(text)
+
+
+def summary_lines(s: SweepSummary, metric: str) -> list[str]:
+    ui = (
+        f"mlflow ui --backend-store-uri {s.tracking_uri}"
+        if s.tracking_uri.startswith("sqlite")
+        else f"open {s.tracking_uri}"
+    )
+    lines = [f"sweep {s.sweep_id} finished: {s.trials} trials in {s.directory}"]
+    if s.best_trial is not None:
+        lines += [
+            f"best trial {s.best_trial}: {metric} = {s.best_value:.2f}",
+            f"best checkpoint: {s.best_checkpoint}",
+            f"best config: {storage.join(s.directory, 'best_config.yaml')}",
+        ]
+    lines.append(f"compare runs in MLflow: {ui}")
+    return lines
