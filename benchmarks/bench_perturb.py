@@ -138,13 +138,13 @@ def pgd_table(batch: int, rounds: int) -> str:
     return "\n".join(rows)
 
 
-def throughput_table(batch: int, rounds: int) -> str:
+def _loops(batch: int):
+    """Our ``Trainer.train_step`` and the plain open_clip loop, on the same model and batch."""
     exp = load_experiment(
         None, [f"train.batch_size={batch}", f"data.train_size={batch * 4}", "data.val_size=8"]
     )
     trainer = build_trainer(exp, torch.device("cpu"))
-    ref = build_trainer(exp, torch.device("cpu"))
-    ref_model = ref.clip.model
+    ref_model = build_trainer(exp, torch.device("cpu")).clip.model
     opt = torch.optim.AdamW(ref_model.parameters(), lr=exp.train.lr, weight_decay=0.1)
     loss_fn = ClipLoss()
     images, tokens = trainer.batch(trainer.plan(0), 0)
@@ -162,6 +162,17 @@ def throughput_table(batch: int, rounds: int) -> str:
         with torch.no_grad():
             ref_model.logit_scale.clamp_(0, math.log(100))
 
+    return exp, ours, plain
+
+
+def plain_samples_per_s(batch: int, rounds: int) -> float:
+    """The plain loop's throughput alone (the sweep benchmark's reference)."""
+    _, _, plain = _loops(batch)
+    return batch / interleaved({"plain": plain}, rounds)["plain"]
+
+
+def throughput_table(batch: int, rounds: int) -> str:
+    exp, ours, plain = _loops(batch)
     t = interleaved({"ours": ours, "plain": plain}, rounds)
     return "\n".join(
         [

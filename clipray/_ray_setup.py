@@ -13,6 +13,7 @@ NOISY = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
     "ray.train.v2._internal.execution.context": logging.WARNING,  # every report, in full
 }
+# Ray Train configures its workers' loggers after this hook, so the training loop calls it again.
 
 
 def quiet_logs() -> None:

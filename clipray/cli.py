@@ -37,7 +37,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"# {path}: search space OK ({len(space.params)} parameters)")
             print(
                 yaml.safe_dump(
-                    {k: v.model_dump() for k, v in space.params.items()}, sort_keys=False
+                    {k: v.model_dump(mode="json") for k, v in space.params.items()}, sort_keys=False
                 )
             )
             continue

@@ -6,13 +6,12 @@ every checkpoint (full training state, one file) with its metrics; a restarted w
 re-run of the same trial after a crash, continues from the run's latest checkpoint because the Train
 run is named after the trial and lives on the sweep's storage.
 
-Per-checkpoint metrics go live to the trial's MLflow run (a controller-side callback, which only
-logs steps the run does not have yet) and to Ray Tune (for the trial table and ASHA).
+Per-checkpoint metrics go live to Ray Tune (the trial table, ASHA), and from there the sweep
+driver logs them to the trial's MLflow run. Workers import only what they run: no MLflow, no Tune.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,16 +27,13 @@ from ray.train import (
     ScalingConfig,
 )
 from ray.train.torch import TorchTrainer
-from ray.train.v2.api.callback import UserCallback
-from ray.tune.integration.ray_train import TuneReportCallback
 
+from clipray._ray_setup import quiet_logs
 from clipray.config import Experiment, experiment_from_dict, torch_threads
 from clipray.loss import Ranks
-from clipray.tracking import Tracking, log_metrics, metric_steps
 from clipray.train import build_trainer, load_checkpoint, save_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"
-LOSS_KEY = "train/loss"  # every report has it: the key used to see which steps MLflow holds
 
 
 class _ReportHooks:
@@ -57,6 +53,7 @@ class _ReportHooks:
 
 def worker_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
+    quiet_logs()
     exp = experiment_from_dict(config["experiment"])
     ctx = ray.train.get_context()
     ranks = Ranks(ctx.get_world_rank(), ctx.get_world_size())
@@ -70,24 +67,6 @@ def worker_loop(config: dict[str, Any]) -> None:
     trainer.fit(_ReportHooks())
 
 
-class MlflowEpochLogger(UserCallback):
-    """Logs each report's metrics to the trial's MLflow run as it arrives (controller side)."""
-
-    def __init__(self, tracking: Tracking, run_id: str):
-        self.tracking, self.run_id = tracking, run_id
-        self._steps: set[int] | None = None
-
-    def after_report(
-        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
-    ) -> None:
-        m = metrics[0]
-        client = self.tracking.client()
-        if self._steps is None:  # what an earlier attempt of this trial already logged
-            self._steps = metric_steps(client, self.run_id, LOSS_KEY)
-        numeric = {k: v for k, v in m.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        log_metrics(client, self.run_id, numeric, int(m["step"]), self._steps)
-
-
 def use_gpu(exp: Experiment) -> bool:
     if exp.train.use_gpu == "auto":
         return bool(ray.cluster_resources().get("GPU", 0))
@@ -99,16 +78,13 @@ def make_trainer(
     *,
     name: str,
     storage_path: str,
-    tracking: Tracking,
-    run_id: str,
-    in_tune: bool = True,
 ) -> TorchTrainer:
-    """The trial's TorchTrainer; ``name`` must be stable across restarts (the trial id)."""
+    """The trial's TorchTrainer (inside a Tune trial); ``name`` must be stable across restarts."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     gpu = use_gpu(exp)
     resources = {"CPU": exp.train.cpus_per_worker}  # use_gpu adds one GPU per worker
-    callbacks: list[Any] = [MlflowEpochLogger(tracking, run_id)]
-    if in_tune:
-        callbacks.append(TuneReportCallback())
+    callbacks: list[Any] = [TuneReportCallback()]
     return TorchTrainer(
         worker_loop,
         train_loop_config={

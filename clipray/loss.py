@@ -2,9 +2,11 @@
 
 Every rank gathers all ranks' features, keeps its own (with gradient) in place and computes the
 loss over the *global* batch, so the loss value equals the single-process loss on the same global
-batch. Its gradient only reaches this rank's features; DDP then *averages* the ranks' gradients.
-To make that average equal the single-process gradient, the loss carries a gradient multiplier of
-``world_size`` (value unchanged): ``L + (W - 1) * (L - L.detach())``.
+batch. Through the features, its gradient only reaches this rank's share, and DDP then *averages*
+the ranks' gradients; so the gradient entering this rank's features is multiplied by
+``world_size`` (values unchanged: ``x + (W - 1) * (x - x.detach())``). Parameters used by the loss
+itself (the temperature) get the full gradient on every rank, which the average leaves as is.
+Both together make DDP's gradient equal the single-process gradient on the global batch (tested).
 
 ``local_loss=True`` is open_clip's cheaper variant: each rank scores only its own rows against the
 global batch (logits ``B_local x B_global``); the mean over ranks equals the global loss value, but
@@ -61,10 +63,12 @@ def contrastive_loss(
         per_image = logit_scale * image @ torch.cat(all_text).T
         per_text = logit_scale * text @ torch.cat(all_image).T
         return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
-    loss = symmetric_ce(torch.cat(all_image), torch.cat(all_text), logit_scale)
-    if ranks.world_size > 1:
-        loss = loss + (ranks.world_size - 1) * (loss - loss.detach())
-    return loss
+    w, r = ranks.world_size, ranks.rank
+    if w > 1:
+        all_image, all_text = list(all_image), list(all_text)
+        all_image[r] = image + (w - 1) * (image - image.detach())
+        all_text[r] = text + (w - 1) * (text - text.detach())
+    return symmetric_ce(torch.cat(all_image), torch.cat(all_text), logit_scale)
 
 
 def symmetric_ce(

@@ -89,9 +89,7 @@ MODELS_KEPT = 2  # per worker: interleaved requests of two trials do not rebuild
 # ---------------------------------------------------------------------------- pure planning
 def eval_cells(cfg: EvalConfig) -> list[Cell]:
     """The clean cell, then every (corruption, severity) in registry/config order."""
-    names = resolve_corruptions(cfg.corruptions)
-    if not names:
-        raise ValueError("eval.corruptions: empty; expected corruption names or groups")
+    names = resolve_corruptions(cfg.corruptions)  # the config refuses an empty list
     return [CLEAN] + [(name, int(s)) for name in names for s in sorted(set(cfg.severities))]
 
 

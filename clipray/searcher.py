@@ -38,9 +38,11 @@ def tune_space(space: SearchSpace) -> dict[str, Any]:
         elif isinstance(d, Uniform):
             out[path] = tune.uniform(d.low, d.high)
         elif isinstance(d, IntRange) and d.log:
-            out[path] = tune.lograndint(d.low, d.high + 1)
+            out[path] = tune.lograndint(d.low, d.high + 1)  # Tune's upper bound is exclusive
+        elif isinstance(d, IntRange) and d.step == 1:
+            out[path] = tune.randint(d.low, d.high + 1)
         elif isinstance(d, IntRange):
-            out[path] = tune.qrandint(d.low, d.high, d.step)  # inclusive upper bound
+            out[path] = tune.qrandint(d.low, d.high, d.step)  # quantised: upper is inclusive
     return out
 
 

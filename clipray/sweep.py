@@ -26,11 +26,13 @@ from clipray.config import ConfigError, Experiment, experiment_from_dict, set_pa
 from clipray.distributed import make_trainer, read_checkpoint
 from clipray.report import csv_table, heatmap_png, rsum_table
 from clipray.scoring import ScorerPool, with_reference
-from clipray.searcher import BASELINE_KEY, make_scheduler, make_searcher, objectives, tune_space
+from clipray.searcher import BASELINE_KEY, make_scheduler, make_searcher, tune_space
 from clipray.space import SearchSpace
 from clipray.tracking import (
+    TRIAL_TAG,
     Tracking,
     artifact_root,
+    find_run,
     finish,
     flatten,
     get_or_create_experiment,
@@ -86,6 +88,7 @@ def trial_experiment(base: dict[str, Any], params: dict[str, Any]) -> Experiment
 
 def run_trial(params: dict[str, Any], plan: Plan) -> None:
     """One Tune trial: train (Ray Train), score (the pool), log (MLflow), report (Tune)."""
+    clock = {"start": time.time()}
     # 1. This trial's config and its MLflow child run (found again on resume, never duplicated).
     exp = trial_experiment(plan.experiment, params)
     trial_id = tune.get_context().get_trial_id()
@@ -98,19 +101,21 @@ def run_trial(params: dict[str, Any], plan: Plan) -> None:
             exp,
             name=trial_id,
             storage_path=storage.join(plan.directory, "train"),
-            tracking=plan.tracking,
-            run_id=run_id,
         ).fit()
+        clock["fit"] = time.time()
         blob = read_checkpoint(result.checkpoint)
         # 3. Score the final weights on every corruption x severity with the shared pool.
         flat = ScorerPool.lookup(plan.pool_name).score(ray.put(blob))
         flat = _with_baseline(flat, plan, is_baseline=not exp.perturb.active)
+        clock["score"] = time.time()
         # 4. Log: the epoch history (filling any gap a crash left), final scores, artifacts.
         steps = metric_steps(client, run_id, "train/loss")
         for epoch in blob["history"]:
             log_metrics(client, run_id, epoch, int(epoch["step"]), steps)
-        log_metrics(client, run_id, flat, int(blob["step"]), set())
         _log_trial_artifacts(client, run_id, exp, flat, result.checkpoint.path, trial_id)
+        clock["end"] = time.time()
+        flat.update(timings(clock, blob["history"]))
+        log_metrics(client, run_id, flat, int(blob["step"]), set())
         finish(client, run_id)
     except BaseException:
         finish(client, run_id, ok=False)
@@ -127,6 +132,30 @@ def run_trial(params: dict[str, Any], plan: Plan) -> None:
             "checkpoint_path": result.checkpoint.path,
         }
     )
+
+
+def timings(clock: dict[str, float], history: list[dict[str, float]]) -> dict[str, float]:
+    """Where a trial's wall time went: orchestration overhead is what training and scoring
+    do not explain (BENCHMARKS.md)."""
+    trial = clock["end"] - clock["start"]
+    steps = sum(h.get("time/steps_s", 0.0) for h in history)
+    validate = sum(h.get("time/validate_s", 0.0) for h in history)
+    score = clock["score"] - clock["fit"]
+    out = {
+        "trial_time/total_s": trial,
+        "trial_time/fit_s": clock["fit"] - clock["start"],
+        "trial_time/score_s": score,
+        "trial_time/log_s": clock["end"] - clock["score"],
+        "trial_time/train_steps_s": steps,
+        "trial_time/validate_s": validate,
+        "trial_time/overhead_s": trial - steps - validate - score,
+    }
+    starts = [
+        h["time/first_step_at"] for h in history if h.get("time/first_step_at", 0) >= clock["start"]
+    ]
+    if starts:  # this attempt trained (a resumed, already trained trial does not)
+        out["trial_time/to_first_step_s"] = min(starts) - clock["start"]
+    return out
 
 
 def _trial_label(trial_id: str, params: dict[str, Any]) -> str:
@@ -178,7 +207,7 @@ def prepare(exp: Experiment, space: SearchSpace, resume: bool) -> Plan:
     directory = storage.join(storage.absolute(exp.storage), exp.name)
     storage.check_writable(storage.absolute(exp.storage), "storage")
     manifest = storage.join(directory, MANIFEST)
-    space_dict = {k: v.model_dump() for k, v in space.params.items()}
+    space_dict = {k: v.model_dump(mode="json") for k, v in space.params.items()}
     if storage.exists(manifest):
         if not resume:
             raise ConfigError(
@@ -268,6 +297,38 @@ def init_ray() -> bool:
     return True
 
 
+class _EpochsToMlflow(tune.Callback):
+    """Logs each trial's per-checkpoint metrics to its MLflow run, live, from the sweep driver.
+
+    The driver has MLflow loaded already, so logging costs training nothing; steps a run already
+    holds are skipped (a replay after a crash), and a trial back-fills any gap when it ends.
+    """
+
+    KEYS = ("train/", "val/", "time/")
+
+    def __init__(self, tracking: Tracking, objective: str):
+        self.tracking, self.objective = tracking, objective
+        self._runs: dict[str, tuple[str, set[int]]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into Tune's state: no caches
+        return {"tracking": self.tracking, "objective": self.objective, "_runs": {}}
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        if self.objective in result or "step" not in result:
+            return  # the final report: the trial logs its scores itself
+        client = self.tracking.client()
+        if trial.trial_id not in self._runs:
+            run_id = find_run(client, self.tracking.experiment_id, TRIAL_TAG, trial.trial_id)
+            if run_id is None:
+                return
+            self._runs[trial.trial_id] = (run_id, metric_steps(client, run_id, "train/loss"))
+        run_id, steps = self._runs[trial.trial_id]
+        metrics = {k: v for k, v in result.items() if k.startswith(self.KEYS) or k == "epoch"}
+        log_metrics(client, run_id, metrics, int(result["step"]), steps)
+
+
 class _TrialLines(tune.Callback):
     """One line per finished trial, on the driver."""
 
@@ -296,7 +357,6 @@ def _tuner(exp: Experiment, space: SearchSpace, plan: Plan, resume: bool) -> tun
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, plan=plan), {"CPU": exp.sweep.cpus_per_trial}
     )
-    metric, _ = objectives(exp)
     if resume and tune.Tuner.can_restore(plan.directory):
         return tune.Tuner.restore(
             plan.directory, trainable, resume_unfinished=True, resume_errored=True
@@ -314,7 +374,10 @@ def _tuner(exp: Experiment, space: SearchSpace, plan: Plan, resume: bool) -> tun
         run_config=tune.RunConfig(
             name=exp.name,
             storage_path=storage.absolute(exp.storage),
-            callbacks=[_TrialLines(metric if isinstance(metric, str) else metric[-1])],
+            callbacks=[
+                _TrialLines(exp.sweep.metric),
+                _EpochsToMlflow(plan.tracking, exp.sweep.metric),
+            ],
             failure_config=tune.FailureConfig(max_failures=1),
             progress_reporter=_reporter(exp, space),
             verbose=1,

@@ -133,6 +133,7 @@ class Trainer:
         )
         self.step = 0
         self.history: list[dict[str, float]] = []  # metrics of every checkpoint, kept in it
+        self.resumed_from: int | None = None  # set by load_state_dict until the next checkpoint
         self.autocast = torch.autocast(
             device.type,
             dtype=torch.bfloat16,
@@ -177,6 +178,7 @@ class Trainer:
     def fit(self, hooks: Hooks) -> None:
         """Train from ``self.step`` to the end, checkpointing as configured."""
         self.clip.model.train()
+        first_step_at = time.time()  # wall clock, comparable across processes: orchestration cost
         while self.step < self.total_steps:
             epoch, first = divmod(self.step, self.steps_per_epoch)
             plan = self.plan(epoch)
@@ -192,9 +194,11 @@ class Trainer:
                 every = self.cfg.checkpoint_every_steps
                 if end_of_epoch or (every and self.step % every == 0):
                     metrics = {f"train/{k}": v / done for k, v in sums.items()}
-                    metrics["train/samples_per_s"] = (
-                        done * self.cfg.batch_size / (time.perf_counter() - t0)
-                    )
+                    elapsed = time.perf_counter() - t0
+                    metrics["train/samples_per_s"] = done * self.cfg.batch_size / elapsed
+                    metrics["time/steps_s"] = elapsed
+                    if first_step_at is not None:
+                        metrics["time/first_step_at"], first_step_at = first_step_at, None
                     self._checkpoint(hooks, metrics, validate=end_of_epoch)
                     t0 = time.perf_counter()  # validation and saving are not training time
                     sums, done = {}, 0
@@ -202,9 +206,13 @@ class Trainer:
     def _checkpoint(self, hooks: Hooks, metrics: dict[str, float], validate: bool) -> None:
         metrics = dict(metrics, step=self.step, epoch=self.step / self.steps_per_epoch)
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        if self.resumed_from is not None:  # the first checkpoint after a restart says from where
+            metrics["train/resumed_from_step"], self.resumed_from = self.resumed_from, None
         if self.ranks.rank == 0 and validate:
+            t0 = time.perf_counter()
             val = clean_retrieval(self.clip, self.val_split, self.exp.eval.batch_size, self.device)
             metrics.update({f"val/{k}": v for k, v in val.items()})
+            metrics["time/validate_s"] = time.perf_counter() - t0
         self.history.append(metrics)
         hooks.on_checkpoint(metrics, self.state_dict() if self.ranks.rank == 0 else None)
 
@@ -230,6 +238,7 @@ class Trainer:
         self.scheduler.load_state_dict(blob["scheduler"])
         self.step = int(blob["step"])
         self.history = list(blob.get("history", []))
+        self.resumed_from = self.step
 
 
 def _to_cpu_copy(obj: Any) -> Any:

@@ -74,8 +74,8 @@ def test_eval_cells_clean_first_then_config_order():
     cells = S.eval_cells(exp.eval)
     assert cells[0] == S.CLEAN
     assert cells[1:] == [(c, s) for c in ("fog", *C.GROUPS["extra"]) for s in (1, 5)]
-    with pytest.raises(ValueError, match="eval.corruptions: empty"):
-        S.eval_cells(small_experiment("eval.corruptions=[]").eval)
+    with pytest.raises(ValueError, match="eval.corruptions: expected at least one"):
+        small_experiment("eval.corruptions=[]")
 
 
 def optimal_makespan(costs: list[float], n: int, cap: int) -> float:

@@ -1,0 +1,176 @@
+"""Orchestration overhead of a sweep, and training throughput inside Ray Train, in one run.
+
+1. A bare ``TorchTrainer.fit()`` of a trivial loop (3 reports) inside a Tune trial, with Ray's
+   defaults and with the settings clipray uses (``clipray.sweep.RAY_ENV``), each in a fresh Ray.
+2. ``clipray sweep`` itself (2 trials: the baseline and one PGD trial, tiny data), from the MLflow
+   metrics every trial records: wall time from ``clipray sweep`` to the first training step, and
+   per trial, the time not spent in training steps, validation or scoring.
+3. Clean training throughput (samples/s) inside Ray Train (the baseline trial's second epoch)
+   against the plain open_clip loop over the same model and batch in this process (same
+   thread count).
+
+    python benchmarks/bench_sweep.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def bare_trial() -> None:
+    """Child mode: one Tune trial running a trivial 3-report TorchTrainer; prints JSON timings."""
+    import ray
+    from ray import tune
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def loop(config: dict) -> None:
+        import ray.train
+
+        for i in range(3):
+            ray.train.report({"i": i})
+
+    def trial(config: dict) -> None:
+        t0 = time.time()
+        TorchTrainer(
+            loop,
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name="bare", storage_path=config["storage"]),
+        ).fit()
+        tune.report({"fit_s": time.time() - t0})
+
+    storage = tempfile.mkdtemp()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    t0 = time.time()
+    grid = tune.Tuner(
+        tune.with_resources(trial, {"CPU": 0.1}),
+        param_space={"storage": storage},
+        run_config=tune.RunConfig(storage_path=storage, name="t", verbose=0),
+    ).fit()
+    print(json.dumps({"fit_s": grid[0].metrics["fit_s"], "tuner_s": time.time() - t0}))
+
+
+def run_bare(env_overrides: dict[str, str]) -> dict[str, float]:
+    env = {**os.environ, **env_overrides}
+    out = subprocess.run(
+        [sys.executable, __file__, "--bare-child"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_clipray_sweep(workdir: Path, epochs: int) -> tuple[float, list[dict]]:
+    """Run the real CLI; return its start time and each trial's final MLflow metrics."""
+    from mlflow.tracking import MlflowClient
+
+    overrides = [
+        "name=bench",
+        f"storage={workdir}",
+        "sweep.num_samples=2",
+        f"train.epochs={epochs}",
+        "data.train_size=2048",
+        "data.val_size=64",
+        "data.test_size=64",
+        "eval.corruptions=[fog,gaussian_noise]",
+        "eval.severities=[3]",
+    ]
+    sets = [a for o in overrides for a in ("--set", o)]
+    t0 = time.time()
+    subprocess.run(
+        [str(BIN / "clipray"), "sweep", str(REPO / "sweeps" / "default.yaml"), *sets],
+        cwd=workdir,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("clipray")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if "clipray.trial_id" in r.data.tags]
+    trials = []
+    for r in sorted(runs, key=lambda r: r.info.start_time):
+        m = dict(r.data.metrics)
+        m["name"] = r.info.run_name
+        history = client.get_metric_history(r.info.run_id, "train/samples_per_s")
+        m["samples_per_s_by_epoch"] = [h.value for h in sorted(history, key=lambda h: h.step)]
+        m["first_step_at"] = min(
+            h.value for h in client.get_metric_history(r.info.run_id, "time/first_step_at")
+        )
+        trials.append(m)
+    return t0, trials
+
+
+def plain_throughput(batch: int, threads: int, rounds: int) -> float:
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_perturb import plain_samples_per_s  # the same plain loop as the core benchmark
+
+    torch.set_num_threads(threads)
+    return plain_samples_per_s(batch, rounds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one epoch per trial")
+    parser.add_argument("--bare-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare_child:
+        bare_trial()
+        return
+    from clipray.sweep import RAY_ENV
+
+    defaults = run_bare({})
+    tuned = run_bare(dict(RAY_ENV))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0, trials = run_clipray_sweep(Path(tmp), epochs=2)
+    plain = plain_throughput(batch=64, threads=2, rounds=6 if args.quick else 20)
+
+    print("### Orchestration overhead\n")
+    print("| what | wall s |\n|---|---|")
+    print(
+        f"| bare TorchTrainer.fit() of a 3-report loop in a Tune trial, Ray defaults | "
+        f"{defaults['fit_s']:.1f} |"
+    )
+    print(f"| the same with clipray's Ray settings | {tuned['fit_s']:.1f} |")
+    print(
+        f"| `clipray sweep` start to the first training step | "
+        f"{trials[0]['first_step_at'] - t0:.1f} |"
+    )
+    print(
+        "\n| trial | total s | to first step | train steps | validation | scoring | logging "
+        "| overhead (total - steps - validation - scoring) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for t in trials:
+        print(
+            f"| {t['name']} | {t['trial_time/total_s']:.1f} | "
+            f"{t.get('trial_time/to_first_step_s', float('nan')):.1f} | "
+            f"{t['trial_time/train_steps_s']:.1f} | {t['trial_time/validate_s']:.1f} | "
+            f"{t['trial_time/score_s']:.1f} | {t['trial_time/log_s']:.1f} | "
+            f"{t['trial_time/overhead_s']:.1f} |"
+        )
+    ray_rate = trials[0]["samples_per_s_by_epoch"][-1]
+    print("\n### Training throughput inside Ray Train\n")
+    print("| loop | samples/s | ratio to plain |\n|---|---|---|")
+    print(f"| plain open_clip loop, this process, 2 threads | {plain:.0f} | 1.00 |")
+    print(
+        f"| clipray trial inside Ray Train (baseline, epoch 2, 2 threads) | {ray_rate:.0f} | "
+        f"{ray_rate / plain:.3f} |"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Training under Ray Train: DDP over 2 CPU workers (gloo) equals one process on the global batch.
+
+Checked on one machine and across 2 simulated nodes (``ray.cluster_utils.Cluster``). Each worker
+builds the real Trainer (DDP-wrapped objective), takes its half of step 0's global batch, and
+writes the loss and the all-reduced gradients; the test compares them with a single process that
+sees the whole batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from clipray.config import experiment_from_dict
+from clipray.loss import Ranks
+from clipray.train import build_trainer
+from tests.conftest import small_experiment
+
+pytestmark = pytest.mark.ray
+
+
+def _grads_of_step0(exp_dict: dict, ranks: Ranks) -> tuple[float, dict[str, torch.Tensor]]:
+    exp = experiment_from_dict(exp_dict)
+    trainer = build_trainer(exp, torch.device("cpu"), ranks)
+    images, tokens = trainer.batch(trainer.plan(0), 0)
+    out = trainer.wrapped(trainer.clip.normalize(images), tokens)
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in trainer.clip.model.named_parameters()}
+    return float(out["clean_loss"]), grads
+
+
+def _worker(config: dict) -> None:
+    import ray.train
+
+    torch.set_num_threads(1)
+    ctx = ray.train.get_context()
+    ranks = Ranks(ctx.get_world_rank(), ctx.get_world_size())
+    assert ranks == Ranks.current()  # Ray Train set up torch.distributed for the loop
+    loss, grads = _grads_of_step0(config["experiment"], ranks)
+    torch.save({"loss": loss, "grads": grads}, Path(config["out"]) / f"rank{ranks.rank}.pt")
+
+
+def _run_ddp(exp_dict: dict, out: Path, storage: Path) -> list[dict]:
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"experiment": exp_dict, "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="ddp-check", storage_path=str(storage)),
+    )
+    trainer.fit()
+    return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+
+
+def _check_against_single_process(results: list[dict], exp_dict: dict, local_loss: bool) -> None:
+    reference_loss, reference_grads = _grads_of_step0(exp_dict, Ranks())
+    if not local_loss:
+        assert results[0]["loss"] == pytest.approx(reference_loss, rel=1e-5)
+        assert results[1]["loss"] == pytest.approx(reference_loss, rel=1e-5)
+    else:  # each rank scores its own rows; their mean is the global loss
+        mean = (results[0]["loss"] + results[1]["loss"]) / 2
+        assert mean == pytest.approx(reference_loss, rel=1e-5)
+    for name, ref in reference_grads.items():
+        for r in results:  # DDP leaves the same averaged gradient on every rank
+            torch.testing.assert_close(r["grads"][name], ref, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_two_workers_give_the_single_process_loss_and_gradients(local_ray, tmp_path):
+    exp = small_experiment("train.num_workers=2").to_dict()
+    results = _run_ddp(exp, tmp_path, tmp_path / "storage")
+    _check_against_single_process(results, exp, local_loss=False)
+
+
+def test_local_loss_mean_is_the_global_loss(local_ray, tmp_path):
+    exp = small_experiment("train.num_workers=2", "train.local_loss=true").to_dict()
+    results = _run_ddp(exp, tmp_path, tmp_path / "storage")
+    reference_loss, _ = _grads_of_step0(exp, Ranks())
+    assert (results[0]["loss"] + results[1]["loss"]) / 2 == pytest.approx(reference_loss, rel=1e-5)
+
+
+def test_two_simulated_nodes_give_the_single_process_loss_and_gradients(tmp_path):
+    ray.shutdown()  # this test brings its own (multi-node) runtime
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        exp = small_experiment("train.num_workers=2").to_dict()
+        results = _run_ddp(exp, tmp_path, tmp_path / "storage")  # one worker per node
+        _check_against_single_process(results, exp, local_loss=False)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

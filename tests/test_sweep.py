@@ -1,0 +1,341 @@
+"""The sweep: search pieces, bad input before any trial, and a SIGKILL + resume end to end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.sample import Categorical, Float, Integer
+
+from clipray.cli import main
+from clipray.searcher import (
+    BASELINE_KEY,
+    BaselineFirst,
+    baseline_point,
+    make_scheduler,
+    make_searcher,
+    objectives,
+    tune_space,
+)
+from clipray.space import parse_space
+from clipray.sweep import MANIFEST, trial_experiment
+from clipray.tracking import PARENT_TAG, SWEEP_TAG, TRIAL_TAG
+from tests.conftest import small_experiment
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+SPACE = {
+    "perturb.layer": {"type": "int", "low": 0, "high": 3},
+    "perturb.epsilon": {"type": "loguniform", "low": 0.05, "high": 1.0},
+    "perturb.steps": {"type": "choice", "values": [1, 2]},
+    "perturb.norm": {"type": "grid", "values": ["linf", "l2"]},
+    "perturb.adv_weight": {"type": "uniform", "low": 0.2, "high": 0.8},
+}
+
+
+# ------------------------------------------------------------------------------ search pieces
+def test_space_becomes_tune_distributions():
+    space = tune_space(parse_space(SPACE, "s.yaml"))
+    assert isinstance(space["perturb.layer"], Integer)
+    assert isinstance(space["perturb.epsilon"], Float)
+    assert isinstance(space["perturb.steps"], Categorical)
+    assert isinstance(space["perturb.norm"], Categorical)
+    layers = {space["perturb.layer"].sample() for _ in range(400)}
+    assert layers == {0, 1, 2, 3}  # inclusive upper bound
+    eps = [space["perturb.epsilon"].sample() for _ in range(400)]
+    assert 0.05 <= min(eps) and max(eps) <= 1.0
+
+
+def _tell(searcher, trial_id: str, value: float) -> None:
+    searcher.on_trial_result(trial_id, {"epoch": 1.0, "train/loss": 1.0})  # an epoch report
+    searcher.on_trial_complete(trial_id, {"agg/mean_corrupted_rsum": value})
+
+
+def test_baseline_comes_first_and_optuna_never_sees_it(tmp_path):
+    exp = small_experiment()
+    space = parse_space(SPACE, "s.yaml")
+    searcher = make_searcher(exp, space)
+    assert searcher.set_search_properties(None, None, tune_space(space))
+    first = searcher.suggest("t0")
+    assert first[BASELINE_KEY] is True and first["perturb.epsilon"] == 0.0
+    assert set(SPACE) <= set(first)  # every searched path has a value (Tune fills gaps otherwise)
+    assert not trial_experiment(exp.to_dict(), first).perturb.active
+    _tell(searcher, "t0", 100.0)
+    for i in (1, 2):
+        config = searcher.suggest(f"t{i}")
+        assert BASELINE_KEY not in config and 0.05 <= config["perturb.epsilon"] <= 1.0
+        _tell(searcher, f"t{i}", 50.0 + i)
+    study = searcher.inner._ot_study
+    assert [t.value for t in study.trials] == [51.0, 52.0]  # the baseline is not among them
+
+    path = str(tmp_path / "searcher.pkl")
+    searcher.save(path)
+    restored = make_searcher(exp, space)
+    restored.set_search_properties(None, None, tune_space(space))
+    restored.restore(path)
+    assert restored.baseline_trial == "t0"
+    assert BASELINE_KEY not in restored.suggest("t3")  # no second baseline after a resume
+    assert len(restored.inner._ot_study.trials) == 3
+
+
+def test_without_baseline_optuna_suggests_from_the_start():
+    exp = small_experiment("sweep.baseline=false")
+    space = parse_space(SPACE, "s.yaml")
+    searcher = make_searcher(exp, space)
+    searcher.set_search_properties(None, None, tune_space(space))
+    assert BASELINE_KEY not in searcher.suggest("t0")
+
+
+def test_multi_objective_and_samplers():
+    exp = small_experiment("sweep.searcher.multi_objective=true", "sweep.searcher.sampler=nsga2")
+    assert objectives(exp) == (["clean/rsum", "agg/mean_corrupted_rsum"], ["max", "max"])
+    searcher = make_searcher(exp, parse_space(SPACE, "s.yaml"))
+    assert isinstance(searcher, BaselineFirst) and isinstance(searcher.inner, OptunaSearch)
+    assert searcher.metric == ["clean/rsum", "agg/mean_corrupted_rsum"]
+    grid = small_experiment("sweep.searcher.sampler=grid")
+    with pytest.raises(ValueError, match="choice/grid params only"):
+        make_searcher(grid, parse_space(SPACE, "s.yaml"))
+    only_grid = {"perturb.norm": SPACE["perturb.norm"], "perturb.steps": SPACE["perturb.steps"]}
+    make_searcher(grid, parse_space(only_grid, "s.yaml"))
+
+
+def test_asha_is_built_from_the_config():
+    assert not isinstance(make_scheduler(small_experiment()), tune.schedulers.ASHAScheduler)
+    asha = make_scheduler(small_experiment("sweep.asha.enabled=true", "train.epochs=4"))
+    assert isinstance(asha, tune.schedulers.ASHAScheduler)
+    assert asha.metric == "val/rsum" and asha._max_t == 4 and asha._time_attr == "epoch"
+
+
+def test_baseline_point_keeps_the_files_values():
+    exp = small_experiment("perturb.layer=2", "perturb.steps=3")
+    point = baseline_point(exp, parse_space(SPACE, "s.yaml"))
+    assert point["perturb.layer"] == 2 and point["perturb.steps"] == 3
+    assert point["perturb.epsilon"] == 0.0
+
+
+# ------------------------------------------------------------------------------- bad input
+def _sweep_file(tmp_path: Path, storage: Path, **sections) -> Path:
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"perturb.epsilon": SPACE["perturb.epsilon"]}))
+    raw = {"name": "s", "storage": str(storage), "sweep": {"space": str(space)}, **sections}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _fails(capsys, argv: list[str], *words: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_unwritable_storage_fails_before_anything(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    _fails(
+        capsys, ["sweep", str(_sweep_file(tmp_path, blocker / "sub"))], "storage", "cannot write"
+    )
+
+
+def test_unreachable_tracking_server_fails_before_anything(tmp_path, capsys):
+    storage = tmp_path / "runs"
+    file = _sweep_file(tmp_path, storage, tracking={"uri": f"http://127.0.0.1:{_free_port()}"})
+    _fails(capsys, ["sweep", str(file)], "tracking.uri", "unreachable")
+    assert not (storage / "s").exists()
+
+
+def test_bad_search_spaces_fail_before_anything(tmp_path, capsys):
+    file = _sweep_file(tmp_path, tmp_path / "runs")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"perturb.nope": {"type": "choice", "values": [1]}}))
+    _fails(
+        capsys, ["sweep", str(file), "--space", str(bad)], "perturb.nope", "no such config field"
+    )
+    bad.write_text(yaml.safe_dump({"perturb.epsilon": {"type": "uniform", "low": 1, "high": 0}}))
+    _fails(capsys, ["sweep", str(file), "--space", str(bad)], "perturb.epsilon", "low")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_needs_a_sweep_of_the_same_config(tmp_path, capsys):
+    storage = tmp_path / "runs"
+    file = _sweep_file(tmp_path, storage)
+    _fails(capsys, ["sweep", str(file), "--resume"], "not a clipray sweep")
+    _fails(capsys, ["resume", str(tmp_path)], "not a clipray sweep")
+    # A sweep directory made with another config: refused, and left exactly as it was.
+    sweep_dir = storage / "s"
+    sweep_dir.mkdir(parents=True)
+    manifest = sweep_dir / MANIFEST
+    manifest.write_text(
+        '{"sweep_id": "s-1", "experiment": {"name": "s"}, "space": {}, "tracking": '
+        '{"uri": "sqlite:///x.db", "experiment_id": "1", "parent_run_id": "r"}}'
+    )
+    before = manifest.read_text()
+    _fails(capsys, ["sweep", str(file), "--resume"], "different config")
+    _fails(capsys, ["sweep", str(file)], "already there", "--resume")
+    assert manifest.read_text() == before and sorted(sweep_dir.iterdir()) == [manifest]
+
+
+# ------------------------------------------------------------- kill -9 mid-trial, then resume
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    db = tmp_path / "mlflow-server.db"
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--artifacts-destination",
+            str(tmp_path / "mlflow-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("mlflow server did not come up")
+            time.sleep(0.5)
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def _sweep_command(tmp_path: Path, uri: str, *extra: str) -> list[str]:
+    overrides = [
+        "name=resume-test",
+        f"storage={tmp_path / 'runs'}",
+        f"tracking.uri={uri}",
+        f"eval.cache_dir={tmp_path / 'cache'}",
+        "sweep.num_samples=3",
+        "data.train_size=512",
+        "data.val_size=16",
+        "data.test_size=16",
+        "train.batch_size=32",
+        "train.epochs=3",
+        "train.warmup_steps=2",
+        "eval.corruptions=[fog]",
+        "eval.severities=[1]",
+    ]
+    sets = [a for o in overrides for a in ("--set", o)]
+    return [str(BIN / "clipray"), "sweep", str(REPO / "sweeps" / "default.yaml"), *sets, *extra]
+
+
+def _child_runs(client: MlflowClient) -> list:
+    exp = client.get_experiment_by_name("clipray")
+    if exp is None:
+        return []
+    return [r for r in client.search_runs([exp.experiment_id]) if TRIAL_TAG in r.data.tags]
+
+
+def _kill_mid_training(proc: subprocess.Popen, client: MlflowClient, steps_per_epoch: int) -> None:
+    """SIGKILL the driver once the second trial has finished its first epoch (not its last)."""
+    deadline = time.time() + 420
+    while time.time() < deadline and proc.poll() is None:
+        runs = _child_runs(client)
+        if len(runs) >= 2:
+            second = max(runs, key=lambda r: r.info.start_time)
+            steps = [m.step for m in client.get_metric_history(second.info.run_id, "train/loss")]
+            if steps_per_epoch in steps:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+                time.sleep(3)  # let Ray notice its driver is gone, then clear what is left
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                return
+        time.sleep(0.3)
+    out = proc.stdout.read() if proc.poll() is not None else ""
+    proc.kill()
+    pytest.fail(f"never reached the second trial's first epoch:\n{out[-3000:]}")
+
+
+@pytest.mark.ray
+def test_sigkilled_sweep_resumes_to_exactly_its_trials(tmp_path, mlflow_server):
+    client = MlflowClient(mlflow_server)
+    steps_per_epoch = 512 // 32
+    proc = subprocess.Popen(
+        _sweep_command(tmp_path, mlflow_server),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    _kill_mid_training(proc, client, steps_per_epoch)
+    killed = {r.data.tags[TRIAL_TAG] for r in _child_runs(client) if r.info.status != "FINISHED"}
+    assert killed, "the kill should land inside a trial"
+
+    resumed = subprocess.run(
+        _sweep_command(tmp_path, mlflow_server, "--resume"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert "finished: 3 trials" in resumed.stdout
+
+    exp_id = client.get_experiment_by_name("clipray").experiment_id
+    parents = [r for r in client.search_runs([exp_id]) if SWEEP_TAG in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = _child_runs(client)
+    trial_ids = [r.data.tags[TRIAL_TAG] for r in children]
+    assert len(children) == 3 and len(set(trial_ids)) == 3  # none duplicated
+    expected_steps = [steps_per_epoch * e for e in (1, 2, 3)]
+    for run in children:
+        assert run.data.tags[PARENT_TAG] == parents[0].info.run_id
+        assert run.info.status == "FINISHED"
+        for key in ("train/loss", "val/rsum"):
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert steps == expected_steps, (run.info.run_name, key, steps)  # no gap, no repeat
+        for key in ("agg/mean_corrupted_rsum", "clean/rsum", "corrupt/fog/s1/rsum", "agg/mce"):
+            assert key in run.data.metrics, (run.info.run_name, key)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"rsum_heatmap.png", "metrics.csv", "config.yaml", "checkpoint.txt"} <= artifacts
+    # The killed trial continued from its checkpoint instead of starting over.
+    for run in children:
+        if run.data.tags[TRIAL_TAG] in killed:
+            assert run.data.metrics.get("train/resumed_from_step", 0) >= steps_per_epoch
+    baseline = [r for r in children if r.info.run_name.endswith("baseline")]
+    assert len(baseline) == 1 and baseline[0].data.metrics["agg/mce"] == pytest.approx(100.0)
+    sweep_dir = tmp_path / "runs" / "resume-test"
+    assert (sweep_dir / "best_config.yaml").exists() and (sweep_dir / MANIFEST).exists()
+    grid = tune.ExperimentAnalysis(str(sweep_dir))
+    assert len(grid.trials) == 3
+    assert all(t.status == "TERMINATED" for t in grid.trials)
