@@ -2,6 +2,8 @@
 #   make sweep   the default sweep on built-in synthetic data (the product's main job)
 #   make test    the whole test suite (what CI runs)
 #   make bench   benchmarks; paste the tables into BENCHMARKS.md
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -34,7 +36,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check clipray tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py $(ARGS)
+	@mkdir -p bench_out
+	$(BIN)/python benchmarks/run_all.py $(ARGS) | tee bench_out/latest.md
 
 clean-venv:
 	rm -rf $(VENV)

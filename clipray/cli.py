@@ -73,23 +73,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score one checkpoint file on corrupted retrieval with a local pool of Ray actors."""
-    from clipray import scoring
+    from clipray import storage
+    from clipray.report import rsum_table, summary_lines
+    from clipray.score_local import command_experiment, score_checkpoint
     from clipray.train import load_checkpoint
 
     blob = load_checkpoint(Path(args.checkpoint))
     extra = [f"eval.scorers.num_actors={args.actors}"] if args.actors is not None else []
     for key, value in (("corruptions", args.corruptions), ("severities", args.severities)):
         extra += [f"eval.{key}={json.dumps(value)}"] if value is not None else []
-    exp = scoring.command_experiment(blob, args.file, args.set + extra, args.checkpoint)
-    flat, info = scoring.score_checkpoint(exp, blob, progress=not args.quiet)
-    print(scoring.rsum_table(flat))
+    exp = command_experiment(blob, args.file, args.set + extra, args.checkpoint)
+    flat, info = score_checkpoint(exp, blob, progress=not args.quiet)
+    print(rsum_table(flat))
+    print("\n".join(summary_lines(flat)))
     print(
         f"# {info['cells']} cells on {info['actors']} actors; corrupted sets built "
         f"{info['builds']}, loaded from cache {info['hits']}",
         file=sys.stderr,
     )
     if args.json:
-        scoring.write_json_atomic(Path(args.json), flat)
+        storage.write_json(str(Path(args.json).resolve()), flat)
     return 0
 
 

@@ -37,7 +37,8 @@ SUMMARY_KEYS = (
 
 
 def summary_lines(flat: Mapping[str, float]) -> list[str]:
-    return [f"{label}: {flat[key]:.3f}" for label, key in SUMMARY_KEYS if key in flat]
+    """One line per headline number, with its metric key (as in MLflow and the README)."""
+    return [f"{label} ({key}): {flat[key]:.3f}" for label, key in SUMMARY_KEYS if key in flat]
 
 
 def csv_table(flat: Mapping[str, float]) -> str:

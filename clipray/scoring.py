@@ -14,15 +14,10 @@ This is an orchestration module: it imports Ray; it never imports MLflow.
 
 from __future__ import annotations
 
-import copy
-import json
-import math
-import os
 import threading
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,209 +27,47 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util import list_named_actors
 
-from clipray.config import (
-    EvalConfig,
-    Experiment,
-    ModelConfig,
-    apply_overrides,
-    experiment_from_dict,
-    load_experiment,
-    read_yaml,
-    torch_threads,
-)
-from clipray.corrupt import resolve_corruptions
-from clipray.corrupt_cache import CorruptionCache, fingerprint_images
-from clipray.metrics import (
-    Cell,
-    agg_key,
-    cell_table,
-    clean_key,
-    corruption_summary,
-    flatten_cell_metrics,
-    flatten_clean,
-    flatten_summary,
-    per_corruption_key,
-    unflatten_cell_metrics,
+from clipray.config import Experiment, ModelConfig, experiment_from_dict, torch_threads
+from clipray.corrupt_cache import CorruptionCache
+from clipray.metrics import Cell
+from clipray.scoring_plan import (  # re-exported: the pool's public planning API
+    BUILD_COST,
+    CLEAN,
+    EvalSet,
+    assign_cells,
+    build_weights_model,
+    cell_cost,
+    eval_cells,
+    flat_result,
+    load_eval_set,
+    load_state,
+    resolve_cache_dir,
+    weights_state,
+    with_reference,
 )
 
-CLEAN: Cell = ("clean", 0)  # the uncorrupted set, scored like any other cell
-# Build cost of one cell: ms per 224 px image at severity 3, measured on one core of the 2-core
-# dev machine (as benchmarks/bench_corrupt.py does); severity matters far less than corruption.
-BUILD_COST: Mapping[str, float] = {
-    "gaussian_noise": 4.5,
-    "shot_noise": 14.6,
-    "impulse_noise": 3.4,
-    "defocus_blur": 4.4,
-    "glass_blur": 16.0,
-    "motion_blur": 14.3,
-    "zoom_blur": 91.0,
-    "snow": 9.6,
-    "frost": 1.9,
-    "fog": 4.0,
-    "brightness": 19.3,
-    "contrast": 2.2,
-    "elastic_transform": 15.1,
-    "pixelate": 0.3,
-    "jpeg_compression": 0.5,
-    "speckle_noise": 3.3,
-    "gaussian_blur": 3.5,
-    "spatter": 5.3,
-    "saturate": 19.2,
-}
+__all__ = [
+    "BUILD_COST",
+    "CLEAN",
+    "EvalSet",
+    "ScorerPool",
+    "assign_cells",
+    "build_weights_model",
+    "cell_cost",
+    "eval_cells",
+    "flat_result",
+    "load_eval_set",
+    "load_state",
+    "resolve_cache_dir",
+    "weights_state",
+    "with_reference",
+]
+
 MAX_REPLACEMENTS = 3  # per worker and call: an actor that keeps dying is a bug, not bad luck
 COORDINATOR_THREADS = 32  # concurrent score() calls served; each mostly waits on its workers
 MODELS_KEPT = 2  # per worker: interleaved requests of two trials do not rebuild each other's
 
 
-# ---------------------------------------------------------------------------- pure planning
-def eval_cells(cfg: EvalConfig) -> list[Cell]:
-    """The clean cell, then every (corruption, severity) in registry/config order."""
-    names = resolve_corruptions(cfg.corruptions)  # the config refuses an empty list
-    return [CLEAN] + [(name, int(s)) for name in names for s in sorted(set(cfg.severities))]
-
-
-def cell_cost(cell: Cell) -> float:
-    """Relative cost of building ``cell``: its corruption's BUILD_COST (the clean cell: 0)."""
-    return 0.0 if cell == CLEAN else BUILD_COST[cell[0]]
-
-
-def assign_cells(
-    cells: Sequence[Cell], n_actors: int, cost: Callable[[Cell], float] = cell_cost
-) -> list[list[Cell]]:
-    """Split ``cells`` over ``n_actors``: longest-processing-time first, capacity-bounded.
-
-    Every scoring request costs the same per cell on every actor, so each actor gets at most
-    ceil(cells / actors) cells; within that, the most expensive to build goes next to the actor
-    with the least build cost so far (ties: fewer cells, lower index). Deterministic and
-    independent of the input order; each shard keeps the input order.
-    """
-    if isinstance(n_actors, bool) or not isinstance(n_actors, int) or n_actors < 1:
-        raise ValueError(f"n_actors must be an int >= 1, got {n_actors!r}")
-    if len(set(cells)) != len(cells):
-        raise ValueError("cells must be distinct")
-    cap = math.ceil(len(cells) / n_actors)
-    loads, shards = [0.0] * n_actors, [[] for _ in range(n_actors)]
-    for cell in sorted(cells, key=lambda c: (-cost(c), c)):
-        k = min(
-            (k for k in range(n_actors) if len(shards[k]) < cap),
-            key=lambda k: (loads[k], len(shards[k]), k),
-        )
-        loads[k] += cost(cell)
-        shards[k].append(cell)
-    position = {cell: i for i, cell in enumerate(cells)}
-    return [sorted(shard, key=position.__getitem__) for shard in shards]
-
-
-def resolve_cache_dir(exp: Experiment) -> Path:
-    """eval.cache_dir, else <storage>/cache; absolute, since actors may run elsewhere."""
-    if exp.eval.cache_dir is not None:
-        return Path(exp.eval.cache_dir).expanduser().resolve()
-    if "://" in exp.storage:
-        raise ValueError(
-            f"eval.cache_dir: storage {exp.storage!r} is remote; set eval.cache_dir to a local "
-            "or shared directory"
-        )
-    return (Path(exp.storage).expanduser() / "cache").resolve()
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """The clean eval split at the model resolution, with its captions."""
-
-    images: np.ndarray  # uint8 N x S x S x 3
-    texts: list[str]
-    owner: np.ndarray  # int64, image index of each caption
-    fingerprint: str
-    split: str
-
-
-def load_eval_set(exp: Experiment) -> EvalSet:
-    """Load ``eval.split`` (first ``eval.max_images``) at the model's input size."""
-    from clipray.data import load_split
-    from clipray.model import image_size
-
-    split = load_split(exp.data, exp.eval.split).subset(exp.eval.max_images)
-    if len(split) == 0:
-        raise ValueError(f"eval.split: the {exp.eval.split} split is empty")
-    images = np.ascontiguousarray(split.load_all(image_size(exp.model.name)))
-    texts, owner = split.flat_captions()
-    return EvalSet(images, texts, owner.numpy(), fingerprint_images(images), exp.eval.split)
-
-
-def weights_state(blob: Any, pool_model: str) -> dict[str, torch.Tensor]:
-    """The state dict of a checkpoint dict, once its model matches the pool's (else ValueError).
-
-    ``blob`` has ``config`` (its experiment dict) and ``model`` (a state dict). Only the model
-    section of its config is read: its data paths may not exist on this node.
-    """
-    from clipray.model import image_size
-
-    if not isinstance(blob, Mapping) or not isinstance(blob.get("model"), Mapping):
-        raise ValueError("weights: expected a checkpoint dict with 'config' and 'model' entries")
-    config = blob.get("config")
-    section = config.get("model", {}) if isinstance(config, Mapping) else None
-    if not isinstance(section, Mapping):
-        raise ValueError("weights: the checkpoint has no experiment config with a model section")
-    try:
-        name = ModelConfig.model_validate(dict(section)).name
-        size = image_size(name)
-    except ValueError as e:
-        raise ValueError(f"weights: bad model section ({str(e).splitlines()[0]})") from None
-    if name != pool_model:
-        raise ValueError(
-            f"weights: model {name!r} ({size} px) does not match the pool's model "
-            f"{pool_model!r} ({image_size(pool_model)} px)"
-        )
-    return {str(k).removeprefix("module."): v for k, v in blob["model"].items()}
-
-
-def load_state(clip: Any, state: Mapping[str, torch.Tensor], name: str) -> None:
-    """Strictly load ``state`` into ``clip.model``; ValueError (one line) if it does not fit.
-
-    A failed load may leave some tensors overwritten; the next successful one replaces all.
-    """
-    try:
-        clip.model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        first = lines[1].strip() if len(lines) > 1 else lines[0]
-        raise ValueError(f"weights: state dict does not fit {name} ({first})") from None
-
-
-def build_weights_model(blob: Any, pool_model: str, device: torch.device | str = "cpu") -> Any:
-    """A ClipModel in eval mode with ``blob``'s weights (see :func:`weights_state`)."""
-    from clipray.model import build_model
-
-    state = weights_state(blob, pool_model)
-    clip = build_model(ModelConfig(name=pool_model), device)
-    load_state(clip, state, pool_model)
-    clip.model.eval()
-    return clip
-
-
-def flat_result(cells: Sequence[Cell], results: Mapping[Cell, Mapping[str, float]]) -> dict:
-    """One flat dict: clean/*, corrupt/<c>/s<k>/* in ``cells`` order, agg/* without reference."""
-    corrupted = {cell: results[cell] for cell in cells if cell != CLEAN}
-    summary = corruption_summary(results[CLEAN], corrupted)
-    flat = flatten_clean(results[CLEAN]) | flatten_cell_metrics(corrupted)
-    return flat | flatten_summary(summary)
-
-
-def with_reference(flat: Mapping[str, float], reference_flat: Mapping[str, float]) -> dict:
-    """``flat`` with its agg/* recomputed against a reference model's flat result (mCE etc.)."""
-
-    def parts(d: Mapping[str, float], what: str) -> tuple[dict, dict]:
-        if clean_key("rsum") not in d:
-            raise ValueError(f"{what}: no {clean_key('rsum')!r} key; not a scoring result")
-        return {"rsum": d[clean_key("rsum")]}, unflatten_cell_metrics(d)
-
-    clean, cells = parts(flat, "flat")
-    ref_clean, ref_cells = parts(reference_flat, "reference_flat")
-    summary = corruption_summary(clean, cells, ref_clean, ref_cells)
-    return {**flat, **flatten_summary(summary)}
-
-
-# ------------------------------------------------------------------------------------ actors
 class _Worker:
     """Holds a shard of eval cells; embeds them with the weights of each request."""
 
@@ -532,84 +365,3 @@ def _check_resources(exp: Experiment) -> None:
                 f"eval.scorers: each actor needs {need} {what} but the Ray cluster has "
                 f"{total.get(what, 0.0)}"
             )
-
-
-# --------------------------------------------------------------------------- command support
-def command_experiment(
-    blob: Mapping[str, Any], file: str | None, overrides: list[str], source: str
-) -> Experiment:
-    """The checkpoint's experiment; ``file``'s storage/data/eval sections and ``--set`` win."""
-    if not isinstance(blob.get("config"), Mapping):
-        raise ValueError(f"checkpoint {source}: no experiment config inside")
-    raw = copy.deepcopy(dict(blob["config"]))
-    if file is not None:
-        resolved = load_experiment(file).to_dict()  # validated, paths made absolute
-        for section in ("storage", "data", "eval"):
-            if section in read_yaml(Path(file)):
-                raw[section] = resolved[section]
-    apply_overrides(raw, overrides)
-    return experiment_from_dict(raw, source)
-
-
-def score_checkpoint(
-    exp: Experiment, blob: Mapping[str, Any], progress: bool = True
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """Validate everything, then score ``blob`` on a pool (starting a local Ray if none is up).
-
-    Returns (flat result, pool info). Nothing is written and no actor starts on bad input.
-    """
-    from tqdm import tqdm
-
-    resolve_cache_dir(exp)
-    eval_cells(exp.eval)
-    build_weights_model(blob, exp.model.name)  # fits the architecture?
-    eval_set = load_eval_set(exp)
-    sc = exp.eval.scorers
-    if sc.gpus_per_actor > 0 and not ray.is_initialized() and not torch.cuda.is_available():
-        raise ValueError("eval.scorers.gpus_per_actor: > 0 but no CUDA device is visible")
-    started = not ray.is_initialized()
-    if started:
-        cpus = max(1, math.ceil(sc.num_actors * sc.cpus_per_actor))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    pool = None
-    try:
-        pool = ScorerPool.create(exp, eval_set=eval_set)
-        ready = pool.coordinator.ready.remote()
-        with tqdm(total=len(eval_cells(exp.eval)), desc="cells", disable=not progress) as bar:
-            while not ray.wait([ready], timeout=0.5)[0]:
-                if (done := pool.progress()[0]) > bar.n:
-                    bar.update(done - bar.n)
-            _get(ready)
-            bar.update(bar.total - bar.n)
-        flat = pool.score(blob)
-        return flat, pool.stats()
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        if started:
-            ray.shutdown()
-
-
-def rsum_table(flat: Mapping[str, float]) -> str:
-    """Markdown table of RSUM per corruption x severity with the per-corruption mean, then the
-    clean RSUM and the overall aggregates."""
-    corruptions, severities, rows = cell_table(flat, "rsum")
-    lines = ["| corruption | " + " | ".join(f"s{s}" for s in severities) + " | mean |"]
-    lines.append("|---" * (len(severities) + 2) + "|")
-    for name, row in zip(corruptions, rows, strict=True):
-        mean = flat.get(agg_key(per_corruption_key("mean_rsum", name)), math.nan)
-        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in [*row, mean]) + " |")
-    lines.append(f"\n{clean_key('rsum')} {flat[clean_key('rsum')]:.2f}")
-    lines += [f"{k} {v:.4g}" for k, v in flat.items() if k.startswith("agg/") and k.count("/") == 1]
-    return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Readers see the old file or the whole new one, never part of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -455,6 +455,7 @@ def _summarise(
     if scored:
         best = max(scored, key=lambda r: r.metrics[metric] * (1 if exp.sweep.mode == "max" else -1))
         best_exp = trial_experiment(plan.experiment, best.config)
+        best_exp = best_exp.model_copy(update={"name": f"{exp.name}-best"})  # its own output dir
         storage.write_json(
             storage.join(plan.directory, "best_trial.json"),
             {
