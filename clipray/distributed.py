@@ -78,13 +78,20 @@ def make_trainer(
     *,
     name: str,
     storage_path: str,
+    report_to_tune: bool = True,
 ) -> TorchTrainer:
-    """The trial's TorchTrainer (inside a Tune trial); ``name`` must be stable across restarts."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+    """The trial's TorchTrainer; ``name`` must be stable across restarts (the trial id).
 
+    Inside a Tune trial every report is forwarded to Tune; outside one, pass
+    ``report_to_tune=False``.
+    """
     gpu = use_gpu(exp)
     resources = {"CPU": exp.train.cpus_per_worker}  # use_gpu adds one GPU per worker
-    callbacks: list[Any] = [TuneReportCallback()]
+    callbacks: list[Any] = []
+    if report_to_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
     return TorchTrainer(
         worker_loop,
         train_loop_config={

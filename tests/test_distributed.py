@@ -8,6 +8,11 @@ sees the whole batch.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +23,7 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from clipray.config import experiment_from_dict
+from clipray.distributed import make_trainer, read_checkpoint
 from clipray.loss import Ranks
 from clipray.train import build_trainer
 from tests.conftest import small_experiment
@@ -103,3 +109,42 @@ def test_two_simulated_nodes_give_the_single_process_loss_and_gradients(tmp_path
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_a_killed_worker_restarts_from_the_latest_checkpoint(local_ray, tmp_path):
+    """SIGKILL the Train worker once a checkpoint is registered: Ray Train's failure config
+    restarts the worker group, which continues from that checkpoint to the same end.
+
+    A checkpoint on disk is registered once the next one appears: a worker cannot hand in a
+    report before the controller has taken the previous one."""
+    exp = small_experiment(
+        "data.train_size=1024",
+        "train.batch_size=32",
+        "train.epochs=4",
+        "train.max_failures=1",
+        "train.cpus_per_worker=1",
+    )
+    trainer = make_trainer(exp, name="failing", storage_path=str(tmp_path), report_to_tune=False)
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=trainer.fit()))
+    thread.start()
+    deadline = time.time() + 180
+    while len(list(tmp_path.glob("failing/checkpoint_*"))) < 2:
+        assert time.time() < deadline and thread.is_alive(), "no checkpoint appeared"
+        time.sleep(0.1)
+    pids = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True)
+    victims = [int(p) for p in pids.stdout.split()]
+    assert victims
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert "result" in outcome, "training did not recover"
+    blob = read_checkpoint(outcome["result"].checkpoint)
+    per_epoch = 1024 // 32
+    assert blob["step"] == 4 * per_epoch
+    steps = [h["step"] for h in blob["history"]]
+    assert steps == [e * per_epoch for e in (1, 2, 3, 4)]  # nothing lost, nothing repeated
+    resumed = [
+        h["train/resumed_from_step"] for h in blob["history"] if "train/resumed_from_step" in h
+    ]
+    assert resumed and resumed[0] >= per_epoch  # it continued; it did not start over
