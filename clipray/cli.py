@@ -96,6 +96,26 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """Write an experiment's dataset (e.g. the synthetic one) to disk as PNGs + CSV tables."""
+    from clipray.data import SPLITS, export_csv, load_split
+    from clipray.model import image_size
+
+    exp = load_experiment(args.file, args.set)
+    out = Path(args.out)
+    if any((out / f"{split}.csv").exists() for split in SPLITS):
+        raise ConfigError(f"{out}: a dataset is already there; choose another --out")
+    size = getattr(exp.data, "image_size", None) or image_size(exp.model.name)
+    for split in SPLITS:
+        table = export_csv(load_split(exp.data, split), out, split, size)
+        print(f"{split}: {table}")
+    print(
+        f"use it with: --set data.kind=csv --set data.train={out}/train.csv "
+        f"--set data.val={out}/val.csv --set data.test={out}/test.csv"
+    )
+    return 0
+
+
 def _sweep_inputs(file: str | None, overrides: list[str], space_path: str | None):
     from clipray.space import load_space
 
@@ -162,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="OUT", help="also write the flat metrics dict here")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_score)
+
+    d = with_set(sub.add_parser("data", help="write the experiment's dataset to disk (PNG + CSV)"))
+    d.add_argument("file", nargs="?", default=str(DEFAULT_SWEEP))
+    d.add_argument("--out", required=True, help="directory for images/ and <split>.csv")
+    d.set_defaults(func=cmd_data)
 
     s = with_set(sub.add_parser("sweep", help="run a sweep (default: sweeps/default.yaml)"))
     s.add_argument("file", nargs="?", help="experiment file (default: the built-in default sweep)")

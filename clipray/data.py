@@ -272,3 +272,25 @@ def load_split(cfg: SyntheticData | CsvData | KarpathyData, split: str) -> Capti
     if cfg.kind not in DATASETS:
         raise ValueError(f"data.kind: unknown kind {cfg.kind!r}; known: {', '.join(DATASETS)}")
     return DATASETS[cfg.kind](cfg, split)
+
+
+def export_csv(data: CaptionedImages, out_dir: Path, split: str, size: int) -> Path:
+    """Write a split to disk: PNG images and a ``<split>.csv`` that ``kind: csv`` reads back.
+
+    PNG is lossless, so a synthetic split exported and re-read as CSV is the same dataset.
+    """
+    image_dir = out_dir / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(len(data)):
+        rel = Path("images") / split / f"{i:06d}.png"
+        Image.fromarray(data.image(i, size)).save(out_dir / rel)
+        rows += [(rel.as_posix(), caption) for caption in data.captions[i]]
+    table = out_dir / f"{split}.csv"
+    tmp = table.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filepath", "caption"])
+        writer.writerows(rows)
+    tmp.replace(table)
+    return table

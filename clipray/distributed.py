@@ -28,6 +28,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
+from clipray import storage
 from clipray._ray_setup import quiet_logs
 from clipray.config import Experiment, experiment_from_dict, torch_threads
 from clipray.loss import Ranks
@@ -37,18 +38,31 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class _ReportHooks:
-    """Trainer hooks on a Ray Train worker: every rank reports, rank 0 attaches the checkpoint."""
+    """Trainer hooks on a Ray Train worker: every rank reports, rank 0 attaches the checkpoint;
+    after each report, training ends early if the sweep's scheduler left a stop marker."""
+
+    def __init__(self, stop_marker: str | None, ranks: Ranks):
+        self.stop_marker, self.ranks = stop_marker, ranks
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
-    def on_checkpoint(self, metrics: dict[str, float], blob: dict[str, Any] | None) -> None:
+    def on_checkpoint(self, metrics: dict[str, float], blob: dict[str, Any] | None) -> bool:
         if blob is None:
             ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp) / CHECKPOINT_FILE, blob)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, blob)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        return stop_requested(self.stop_marker, self.ranks)
+
+
+def stop_requested(marker: str | None, ranks: Ranks) -> bool:
+    """Whether the stop marker exists, as rank 0 sees it (so every rank agrees)."""
+    decision = [marker is not None and ranks.rank == 0 and storage.exists(marker)]
+    if ranks.world_size > 1:
+        torch.distributed.broadcast_object_list(decision, src=0)
+    return bool(decision[0])
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -63,8 +77,10 @@ def worker_loop(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+    if stop_requested(config.get("stop_marker"), ranks):
+        return  # stopped early before a crash; the trial reads its last checkpoint
     trainer = build_trainer(exp, ray.train.torch.get_device(), ranks, resume)
-    trainer.fit(_ReportHooks())
+    trainer.fit(_ReportHooks(config.get("stop_marker"), ranks))
 
 
 def use_gpu(exp: Experiment) -> bool:
@@ -79,6 +95,7 @@ def make_trainer(
     name: str,
     storage_path: str,
     report_to_tune: bool = True,
+    stop_marker: str | None = None,
 ) -> TorchTrainer:
     """The trial's TorchTrainer; ``name`` must be stable across restarts (the trial id).
 
@@ -97,6 +114,7 @@ def make_trainer(
         train_loop_config={
             "experiment": exp.to_dict(),
             "threads": torch_threads(exp.train.cpus_per_worker),
+            "stop_marker": stop_marker,
         },
         scaling_config=ScalingConfig(
             num_workers=exp.train.num_workers, use_gpu=gpu, resources_per_worker=resources

@@ -39,7 +39,7 @@ class _FileHooks:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
 
-    def on_checkpoint(self, metrics: dict[str, float], blob: dict[str, Any] | None) -> None:
+    def on_checkpoint(self, metrics: dict[str, float], blob: dict[str, Any] | None) -> bool:
         if blob is not None:
             save_checkpoint(self.out / CHECKPOINT, blob)
         with open(self.out / METRICS, "a") as f:
@@ -51,6 +51,7 @@ class _FileHooks:
                 f"val rsum {metrics['val/rsum']:.1f}  "
                 f"{metrics['train/samples_per_s']:.0f} samples/s"
             )
+        return False  # a local run always trains to the end
 
 
 def _prepare(exp: Experiment, out: Path, resume: bool) -> dict[str, Any] | None:

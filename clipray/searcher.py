@@ -20,6 +20,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from clipray import storage
 from clipray.config import ConfigError, Experiment
 from clipray.space import Choice, Grid, IntRange, LogUniform, SearchSpace, Uniform
 
@@ -146,12 +147,51 @@ def make_searcher(exp: Experiment, space: SearchSpace) -> BaselineFirst:
     return BaselineFirst(inner, baseline_point(exp, space) if exp.sweep.baseline else None)
 
 
-def make_scheduler(exp: Experiment) -> TrialScheduler:
+STOP_MARKER = "EARLY_STOP.json"
+
+
+def stop_marker_path(sweep_dir: str, trial_id: str) -> str:
+    """Where the scheduler asks a trial's training to end (next to its Train run)."""
+    return storage.join(sweep_dir, "train", trial_id, STOP_MARKER)
+
+
+class CooperativeASHA(ASHAScheduler):
+    """ASHA whose stops the trial carries out itself, at its next checkpoint.
+
+    Tune stopping a trial would end the trial's process while its Ray Train run is still
+    going, and that run's workers and placement group can outlive it and starve the next trial.
+    So a STOP becomes a marker file the trial's workers read after each checkpoint; the run then
+    ends normally and releases its resources. Never stopped: the baseline (every other trial is
+    measured against it) and a trial past its last epoch (what remains is scoring).
+    """
+
+    def __init__(self, sweep_dir: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.sweep_dir = sweep_dir
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        finished = result.get(self._time_attr, 0) >= self._max_t
+        if decision == TrialScheduler.STOP and not (trial.config.get(BASELINE_KEY) or finished):
+            marker = stop_marker_path(self.sweep_dir, trial.trial_id)
+            storage.write_json(
+                marker,
+                {
+                    "epoch": result.get(self._time_attr),
+                    "by": "ASHA",
+                    self._metric: result.get(self._metric),
+                },
+            )
+        return TrialScheduler.CONTINUE
+
+
+def make_scheduler(exp: Experiment, sweep_dir: str) -> TrialScheduler:
     """ASHA on a per-epoch clean metric when enabled; otherwise run every trial to the end."""
     asha = exp.sweep.asha
     if not asha.enabled:
         return FIFOScheduler()
-    return ASHAScheduler(
+    return CooperativeASHA(
+        sweep_dir,
         time_attr="epoch",
         metric=asha.metric,
         mode="max",

@@ -10,6 +10,7 @@ reuses), ``train/<trial id>/`` (each trial's Ray Train run and checkpoints),
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -26,7 +27,13 @@ from clipray.config import ConfigError, Experiment, experiment_from_dict, set_pa
 from clipray.distributed import make_trainer, read_checkpoint
 from clipray.report import csv_table, heatmap_png, rsum_table
 from clipray.scoring import ScorerPool, with_reference
-from clipray.searcher import BASELINE_KEY, make_scheduler, make_searcher, tune_space
+from clipray.searcher import (
+    BASELINE_KEY,
+    make_scheduler,
+    make_searcher,
+    stop_marker_path,
+    tune_space,
+)
 from clipray.space import SearchSpace
 from clipray.tracking import (
     TRIAL_TAG,
@@ -95,43 +102,57 @@ def run_trial(params: dict[str, Any], plan: Plan) -> None:
     client = plan.tracking.client()
     run_id = trial_run(plan.tracking, trial_id, _trial_label(trial_id, params))
     log_params(client, run_id, {**flatten(exp.to_dict()), "trial_id": trial_id})
+    marker = stop_marker_path(plan.directory, trial_id)
     try:
         # 2. Train; a re-run of this trial continues from its own latest checkpoint.
         result = make_trainer(
             exp,
             name=trial_id,
             storage_path=storage.join(plan.directory, "train"),
+            stop_marker=marker,
         ).fit()
         clock["fit"] = time.time()
         blob = read_checkpoint(result.checkpoint)
+        _log_history(client, run_id, blob["history"])  # fills any gap a crash left
+        last = {k: v for k, v in blob["history"][-1].items() if k.startswith(("val/", "train/"))}
+        report = {
+            **last,
+            "step": blob["step"],
+            "epoch": blob["step"] / _steps_per_epoch(blob),
+            "mlflow_run_id": run_id,
+            "checkpoint_path": result.checkpoint.path,
+        }
+        trained_all = report["epoch"] >= exp.train.epochs  # a late stop: score it all the same
+        if storage.exists(marker) and not trained_all:  # no objective: Optuna records it pruned
+            set_tags(client, run_id, {"clipray.early_stopped": f"epoch {report['epoch']:g}"})
+            finish(client, run_id, status="KILLED")
+            tune.report({**report, "early_stopped": 1.0})
+            return
         # 3. Score the final weights on every corruption x severity with the shared pool.
         flat = ScorerPool.lookup(plan.pool_name).score(ray.put(blob))
         flat = _with_baseline(flat, plan, is_baseline=not exp.perturb.active)
         clock["score"] = time.time()
-        # 4. Log: the epoch history (filling any gap a crash left), final scores, artifacts.
-        steps = metric_steps(client, run_id, "train/loss")
-        for epoch in blob["history"]:
-            log_metrics(client, run_id, epoch, int(epoch["step"]), steps)
+        # 4. Log the scores and artifacts; 5. report them to Tune (the objective among them).
         _log_trial_artifacts(client, run_id, exp, flat, result.checkpoint.path, trial_id)
         clock["end"] = time.time()
         flat.update(timings(clock, blob["history"]))
         log_metrics(client, run_id, flat, int(blob["step"]), set())
         finish(client, run_id)
     except BaseException:
-        finish(client, run_id, ok=False)
+        finish(client, run_id, status="FAILED")
         raise
-    # 5. Report to Tune: the objective, the last epoch's clean metrics, where the weights are.
-    last = {k: v for k, v in blob["history"][-1].items() if k.startswith(("val/", "train/"))}
-    tune.report(
-        {
-            **last,
-            **flat,
-            "epoch": float(exp.train.epochs),
-            "step": blob["step"],
-            "mlflow_run_id": run_id,
-            "checkpoint_path": result.checkpoint.path,
-        }
-    )
+    tune.report({**report, **flat})
+
+
+def _steps_per_epoch(blob: dict[str, Any]) -> float:
+    first = blob["history"][0]
+    return first["step"] / first["epoch"]
+
+
+def _log_history(client: Any, run_id: str, history: list[dict[str, float]]) -> None:
+    steps = metric_steps(client, run_id, "train/loss")
+    for epoch in history:
+        log_metrics(client, run_id, epoch, int(epoch["step"]), steps)
 
 
 def timings(clock: dict[str, float], history: list[dict[str, float]]) -> dict[str, float]:
@@ -337,6 +358,14 @@ class _TrialLines(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         r = trial.last_result or {}
+        if self.metric not in r:  # stopped early by ASHA (or failed: Tune reports that)
+            if r.get("early_stopped"):
+                print(
+                    f"trial {trial.trial_id} stopped early by ASHA after epoch "
+                    f"{r.get('epoch', 0):g} (val rsum {r.get('val/rsum', float('nan')):.1f})",
+                    flush=True,
+                )
+            return
         params = {k: v for k, v in trial.config.items() if k != BASELINE_KEY}
         what = (
             "baseline (epsilon=0)"
@@ -366,10 +395,10 @@ def _tuner(exp: Experiment, space: SearchSpace, plan: Plan, resume: bool) -> tun
         param_space=tune_space(space),
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(exp, space),
-            scheduler=make_scheduler(exp),
+            scheduler=make_scheduler(exp, plan.directory),
             num_samples=exp.sweep.num_samples,
             max_concurrent_trials=exp.sweep.max_concurrent_trials,
-            reuse_actors=True,
+            reuse_actors=True,  # no trial is killed (ASHA stops are cooperative), so reuse
         ),
         run_config=tune.RunConfig(
             name=exp.name,
@@ -442,40 +471,12 @@ def _summarise(
 ) -> SweepSummary:
     metric = exp.sweep.metric
     client = plan.tracking.client()
-    baseline_path = storage.join(plan.directory, BASELINE)
-    reference = storage.read_json(baseline_path) if storage.exists(baseline_path) else None
     scored = [r for r in results if r.metrics and metric in r.metrics]
-    for r in scored:
-        if reference is not None and "agg/mce" not in r.metrics:
-            extra = {
-                k: v for k, v in with_reference(r.metrics, reference).items() if k not in r.metrics
-            }
-            log_metrics(client, r.metrics["mlflow_run_id"], extra, int(r.metrics["step"]), set())
+    _backfill_reference(client, plan, scored)
     best = None
     if scored:
         best = max(scored, key=lambda r: r.metrics[metric] * (1 if exp.sweep.mode == "max" else -1))
-        best_exp = trial_experiment(plan.experiment, best.config)
-        best_exp = best_exp.model_copy(update={"name": f"{exp.name}-best"})  # its own output dir
-        storage.write_json(
-            storage.join(plan.directory, "best_trial.json"),
-            {
-                "trial_id": best.metrics.get("trial_id"),
-                metric: best.metrics[metric],
-                "checkpoint": best.metrics.get("checkpoint_path"),
-                "config": best_exp.to_dict(),
-            },
-        )
-        _write_text(
-            storage.join(plan.directory, "best_config.yaml"),
-            yaml.safe_dump(best_exp.to_dict(), sort_keys=False),
-        )
-        log_metrics(
-            client,
-            plan.tracking.parent_run_id,
-            {f"best/{metric}": best.metrics[metric], "trials_scored": len(scored)},
-            0,
-            set(),
-        )
+        _record_best(client, exp, plan, best, len(scored))
     finish(client, plan.tracking.parent_run_id)
     summary = SweepSummary(
         plan.sweep_id,
@@ -489,6 +490,49 @@ def _summarise(
     for line in summary_lines(summary, metric):
         out(line)
     return summary
+
+
+def _backfill_reference(client: Any, plan: Plan, scored: list) -> None:
+    """Trials that finished before the baseline get their mCE-style aggregates now."""
+    path = storage.join(plan.directory, BASELINE)
+    if not storage.exists(path):
+        return
+    reference = storage.read_json(path)
+    for r in scored:
+        run_id = r.metrics["mlflow_run_id"]
+        if "agg/mce" not in client.get_run(run_id).data.metrics:
+            extra = with_reference(r.metrics, reference)
+            extra = {k: v for k, v in extra.items() if k not in r.metrics}
+            log_metrics(client, run_id, extra, int(r.metrics["step"]), set())
+
+
+def _record_best(client: Any, exp: Experiment, plan: Plan, best: Any, scored: int) -> None:
+    """best_config.yaml / best_trial.json on storage, and on the sweep's MLflow run."""
+    metric = exp.sweep.metric
+    best_exp = trial_experiment(plan.experiment, best.config)
+    best_exp = best_exp.model_copy(update={"name": f"{exp.name}-best"})  # its own output dir
+    record = {
+        "trial_id": best.metrics["trial_id"],
+        metric: best.metrics[metric],
+        "checkpoint": best.metrics["checkpoint_path"],
+        "config": best_exp.to_dict(),
+    }
+    config_yaml = yaml.safe_dump(best_exp.to_dict(), sort_keys=False)
+    storage.write_json(storage.join(plan.directory, "best_trial.json"), record)
+    _write_text(storage.join(plan.directory, "best_config.yaml"), config_yaml)
+    run_id = plan.tracking.parent_run_id
+    log_artifacts(
+        client,
+        run_id,
+        {"best_config.yaml": config_yaml, "best_trial.json": json.dumps(record, indent=1)},
+    )
+    set_tags(
+        client,
+        run_id,
+        {"clipray.best_trial": record["trial_id"], "clipray.best_checkpoint": record["checkpoint"]},
+    )
+    best_metrics = {f"best/{metric}": best.metrics[metric], "trials_scored": scored}
+    log_metrics(client, run_id, best_metrics, scored, metric_steps(client, run_id, "trials_scored"))
 
 
 def _write_text(path: str, text: str) -> None:

@@ -192,8 +192,9 @@ def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def finish(client: MlflowClient, run_id: str, ok: bool = True) -> None:
-    status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+def finish(client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
+    """End a run as FINISHED, FAILED or KILLED (stopped early on purpose)."""
+    RunStatus.from_string(status)  # validates the name
     client.set_terminated(run_id, status=status)
 
 

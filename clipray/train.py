@@ -38,11 +38,15 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 class Hooks(Protocol):
-    """What a training run tells its caller. Only rank 0's calls carry checkpoints."""
+    """What a training run tells its caller. Only rank 0's calls carry checkpoints.
+
+    ``on_checkpoint`` returns True to end training there (an early stop); every rank must
+    return the same answer.
+    """
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
 
-    def on_checkpoint(self, metrics: dict[str, float], blob: dict[str, Any] | None) -> None: ...
+    def on_checkpoint(self, metrics: dict[str, float], blob: dict[str, Any] | None) -> bool: ...
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -199,11 +203,12 @@ class Trainer:
                     metrics["time/steps_s"] = elapsed
                     if first_step_at is not None:
                         metrics["time/first_step_at"], first_step_at = first_step_at, None
-                    self._checkpoint(hooks, metrics, validate=end_of_epoch)
+                    if self._checkpoint(hooks, metrics, validate=end_of_epoch):
+                        return  # stopped early by the caller
                     t0 = time.perf_counter()  # validation and saving are not training time
                     sums, done = {}, 0
 
-    def _checkpoint(self, hooks: Hooks, metrics: dict[str, float], validate: bool) -> None:
+    def _checkpoint(self, hooks: Hooks, metrics: dict[str, float], validate: bool) -> bool:
         metrics = dict(metrics, step=self.step, epoch=self.step / self.steps_per_epoch)
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
         if self.resumed_from is not None:  # the first checkpoint after a restart says from where
@@ -214,7 +219,9 @@ class Trainer:
             metrics.update({f"val/{k}": v for k, v in val.items()})
             metrics["time/validate_s"] = time.perf_counter() - t0
         self.history.append(metrics)
-        hooks.on_checkpoint(metrics, self.state_dict() if self.ranks.rank == 0 else None)
+        return bool(
+            hooks.on_checkpoint(metrics, self.state_dict() if self.ranks.rank == 0 else None)
+        )
 
     # ------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -430,3 +430,25 @@ def test_missing_tables_are_caught_when_the_config_loads(tmp_path):
     f.write_text("data: {kind: csv, train: train.csv, val: val.csv}\n")
     with pytest.raises(ConfigError, match=r"data\.train: file not found: .*train\.csv"):
         load_experiment(f)
+
+
+def test_synthetic_data_exported_to_disk_reads_back_identically(tmp_path, capsys):
+    """`clipray data` writes the synthetic dataset as PNG + CSV; `kind: csv` reads the same data."""
+    from clipray.cli import main
+
+    sizes = ["--set", "data.train_size=6", "--set", "data.val_size=3", "--set", "data.test_size=3"]
+    assert main(["data", "--out", str(tmp_path), *sizes]) == 0
+    exp = load_experiment(None, [s for s in sizes if s != "--set"])
+    csv_cfg = load_experiment(
+        None,
+        [
+            f"data={{kind: csv, train: {tmp_path}/train.csv, val: {tmp_path}/val.csv, "
+            f"test: {tmp_path}/test.csv}}"
+        ],
+    ).data
+    for split in ("train", "val", "test"):
+        original, reread = load_split(exp.data, split), load_split(csv_cfg, split)
+        assert reread.captions == original.captions
+        assert np.array_equal(reread.load_all(64), original.load_all(64))
+    assert main(["data", "--out", str(tmp_path), *sizes]) == 2  # never overwrites
+    assert "already there" in capsys.readouterr().err

@@ -111,9 +111,11 @@ def test_multi_objective_and_samplers():
     make_searcher(grid, parse_space(only_grid, "s.yaml"))
 
 
-def test_asha_is_built_from_the_config():
-    assert not isinstance(make_scheduler(small_experiment()), tune.schedulers.ASHAScheduler)
-    asha = make_scheduler(small_experiment("sweep.asha.enabled=true", "train.epochs=4"))
+def test_asha_is_built_from_the_config(tmp_path):
+    fifo = make_scheduler(small_experiment(), str(tmp_path))
+    assert not isinstance(fifo, tune.schedulers.ASHAScheduler)
+    exp = small_experiment("sweep.asha.enabled=true", "train.epochs=4")
+    asha = make_scheduler(exp, str(tmp_path))
     assert isinstance(asha, tune.schedulers.ASHAScheduler)
     assert asha.metric == "val/rsum" and asha._max_t == 4 and asha._time_attr == "epoch"
 
@@ -339,3 +341,34 @@ def test_sigkilled_sweep_resumes_to_exactly_its_trials(tmp_path, mlflow_server):
     grid = tune.ExperimentAnalysis(str(sweep_dir))
     assert len(grid.trials) == 3
     assert all(t.status == "TERMINATED" for t in grid.trials)
+
+
+def test_asha_stops_cooperatively_and_never_the_baseline_or_a_finished_trial(tmp_path):
+    """ASHA's stops become marker files the trials' workers read (Tune never kills a trial in
+    the middle of its Ray Train run); the baseline and trials past their last epoch are kept."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from clipray.searcher import stop_marker_path
+
+    exp = small_experiment("sweep.asha.enabled=true", "train.epochs=4", "sweep.asha.grace_period=1")
+    scheduler = make_scheduler(exp, str(tmp_path))
+    others = [Trial("run_trial", config={"perturb.epsilon": 0.1}, stub=True) for _ in range(5)]
+    baseline = Trial("run_trial", config={BASELINE_KEY: True}, stub=True)
+    decisions = []
+    for value, t in zip([90, 80, 70, 60, 50, 1.0], [*others, baseline], strict=True):
+        scheduler.on_trial_add(None, t)  # results arrive best first; the baseline is the worst
+        decisions.append(scheduler.on_trial_result(None, t, {"epoch": 1.0, "val/rsum": value}))
+    assert set(decisions) == {TrialScheduler.CONTINUE}
+    stopped = {
+        t.trial_id for t in others if Path(stop_marker_path(str(tmp_path), t.trial_id)).exists()
+    }
+    assert stopped and others[0].trial_id not in stopped  # weak perturbed trials, not the best
+    assert not Path(stop_marker_path(str(tmp_path), baseline.trial_id)).exists()
+    # At the last epoch (a rung when max_t is a power of the reduction factor) nobody is stopped:
+    # training is over and the trial still has to be scored.
+    late = Trial("run_trial", config={"perturb.epsilon": 0.2}, stub=True)
+    scheduler.on_trial_add(None, late)
+    for value, t in zip([90, 80, 1.0], [others[0], others[1], late], strict=True):
+        scheduler.on_trial_result(None, t, {"epoch": 4.0, "val/rsum": value})
+    assert not Path(stop_marker_path(str(tmp_path), late.trial_id)).exists()
