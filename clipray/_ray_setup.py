@@ -1,8 +1,7 @@
 """Runs first in every Ray worker process of a sweep (runtime_env ``worker_process_setup_hook``).
 
-Without Ray's dashboard (``ray[default]``), the state API is unavailable and Ray Train's
-placement-group cleaner warns about it every few seconds of every trial (the cleaner only matters
-when a Train controller dies), and each worker logs every report in full. A sweep's console is
+Each Train worker logs every report in full, and where Ray runs without its dashboard (no state
+API), Ray Train's placement-group cleaner warns about it every few seconds of every trial. A sweep's console is
 for the trial table and results; Ray's own log files (``/tmp/ray/session_latest/logs``) keep the
 rest.
 """
