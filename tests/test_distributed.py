@@ -96,21 +96,6 @@ def test_local_loss_mean_is_the_global_loss(local_ray, tmp_path):
     assert (results[0]["loss"] + results[1]["loss"]) / 2 == pytest.approx(reference_loss, rel=1e-5)
 
 
-def test_two_simulated_nodes_give_the_single_process_loss_and_gradients(tmp_path):
-    ray.shutdown()  # this test brings its own (multi-node) runtime
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        exp = small_experiment("train.num_workers=2").to_dict()
-        results = _run_ddp(exp, tmp_path, tmp_path / "storage")  # one worker per node
-        _check_against_single_process(results, exp, local_loss=False)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
 def test_a_killed_worker_restarts_from_the_latest_checkpoint(local_ray, tmp_path):
     """SIGKILL the Train worker once a checkpoint is registered: Ray Train's failure config
     restarts the worker group, which continues from that checkpoint to the same end.
@@ -148,3 +133,18 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(local_ray, tmp_path
         h["train/resumed_from_step"] for h in blob["history"] if "train/resumed_from_step" in h
     ]
     assert resumed and resumed[0] >= per_epoch  # it continued; it did not start over
+
+
+def test_two_simulated_nodes_give_the_single_process_loss_and_gradients(tmp_path):
+    ray.shutdown()  # this test (the module's last) brings its own multi-node runtime
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        exp = small_experiment("train.num_workers=2").to_dict()
+        results = _run_ddp(exp, tmp_path, tmp_path / "storage")  # one worker per node
+        _check_against_single_process(results, exp, local_loss=False)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
