@@ -56,6 +56,8 @@ def test_quiet_logs_names_ray_trains_own_loggers():
     from clipray._ray_setup import NOISY
 
     assert set(NOISY) == {context.logger.name, placement_group_cleaner.logger.name}
+
+
 def test_space_becomes_tune_distributions():
     space = tune_space(parse_space(SPACE, "s.yaml"))
     assert isinstance(space["perturb.layer"], Integer)
