@@ -29,8 +29,9 @@ from clipray.searcher import (
     tune_space,
 )
 from clipray.space import parse_space
-from clipray.sweep import MANIFEST, trial_experiment
+from clipray.sweep import MANIFEST
 from clipray.tracking import PARENT_TAG, SWEEP_TAG, TRIAL_TAG
+from clipray.trial import trial_experiment
 from tests.conftest import small_experiment
 
 REPO = Path(__file__).resolve().parent.parent

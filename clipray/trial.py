@@ -1,0 +1,189 @@
+"""One sweep trial, run by Ray Tune in its trial process: train (a Ray Train run), score (the
+sweep's actor pool), log (the trial's MLflow child run), report (to Tune and Optuna).
+
+Everything a trial knows of its sweep travels in a :class:`Plan` of plain values, so a trial
+re-run after a crash finds the same MLflow run, Train run and baseline as the first attempt.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import yaml
+from ray import tune
+
+from clipray import storage
+from clipray.config import Experiment, experiment_from_dict, set_path
+from clipray.distributed import make_trainer, read_checkpoint
+from clipray.report import csv_table, heatmap_png, rsum_table
+from clipray.scoring import ScorerPool, with_reference
+from clipray.searcher import BASELINE_KEY, stop_marker_path
+from clipray.tracking import (
+    Tracking,
+    finish,
+    flatten,
+    log_artifacts,
+    log_metrics,
+    log_params,
+    metric_steps,
+    set_tags,
+    trial_run,
+)
+
+BASELINE = "baseline_metrics.json"  # the epsilon = 0 trial's scores, in the sweep directory
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a trial needs to know about its sweep; plain values, picklable."""
+
+    sweep_id: str
+    directory: str  # <storage>/<name>, absolute or a URI
+    experiment: dict[str, Any]
+    space: dict[str, Any]
+    tracking: Tracking
+
+    @property
+    def pool_name(self) -> str:
+        return f"clipray-scorer-{self.sweep_id}"
+
+
+def trial_experiment(base: dict[str, Any], params: dict[str, Any]) -> Experiment:
+    """The sweep's experiment with this trial's sampled values at their dotted paths."""
+    raw = yaml.safe_load(yaml.safe_dump(base))  # deep copy of plain data
+    for path, value in params.items():
+        if path != BASELINE_KEY:
+            set_path(raw, path.split("."), value)
+    return experiment_from_dict(raw, "trial config")
+
+
+def run_trial(params: dict[str, Any], plan: Plan) -> None:
+    """One Tune trial: train (Ray Train), score (the pool), log (MLflow), report (Tune)."""
+    clock = {"start": time.time()}
+    # 1. This trial's config and its MLflow child run (found again on resume, never duplicated).
+    exp = trial_experiment(plan.experiment, params)
+    trial_id = tune.get_context().get_trial_id()
+    client = plan.tracking.client()
+    run_id = trial_run(plan.tracking, trial_id, trial_label(trial_id, params))
+    log_params(client, run_id, {**flatten(exp.to_dict()), "trial_id": trial_id})
+    marker = stop_marker_path(plan.directory, trial_id)
+    try:
+        # 2. Train; a re-run of this trial continues from its own latest checkpoint.
+        result = make_trainer(
+            exp,
+            name=trial_id,
+            storage_path=storage.join(plan.directory, "train"),
+            stop_marker=marker,
+        ).fit()
+        clock["fit"] = time.time()
+        blob = read_checkpoint(result.checkpoint)
+        _log_history(client, run_id, blob["history"])  # fills any gap a crash left
+        last = {k: v for k, v in blob["history"][-1].items() if k.startswith(("val/", "train/"))}
+        report = {
+            **last,
+            "step": blob["step"],
+            "epoch": blob["step"] / _steps_per_epoch(blob),
+            "mlflow_run_id": run_id,
+            "checkpoint_path": result.checkpoint.path,
+        }
+        trained_all = report["epoch"] >= exp.train.epochs  # a late stop: score it all the same
+        if storage.exists(marker) and not trained_all:  # no objective: Optuna records it pruned
+            set_tags(client, run_id, {"clipray.early_stopped": f"epoch {report['epoch']:g}"})
+            finish(client, run_id, status="KILLED")
+            tune.report({**report, "early_stopped": 1.0})
+            return
+        # 3. Score the final weights on every corruption x severity with the shared pool.
+        flat = ScorerPool.lookup(plan.pool_name).score(ray.put(blob))
+        flat = _with_baseline(flat, plan, is_baseline=not exp.perturb.active)
+        clock["score"] = time.time()
+        # 4. Log the scores and artifacts; 5. report them to Tune (the objective among them).
+        _log_trial_artifacts(client, run_id, exp, flat, result.checkpoint.path, trial_id)
+        clock["end"] = time.time()
+        flat.update(timings(clock, blob["history"]))
+        log_metrics(client, run_id, flat, int(blob["step"]), set())
+        finish(client, run_id)
+    except BaseException:
+        finish(client, run_id, status="FAILED")
+        raise
+    tune.report({**report, **flat})
+
+
+def _steps_per_epoch(blob: dict[str, Any]) -> float:
+    first = blob["history"][0]
+    return first["step"] / first["epoch"]
+
+
+def _log_history(client: Any, run_id: str, history: list[dict[str, float]]) -> None:
+    steps = metric_steps(client, run_id, "train/loss")
+    for epoch in history:
+        log_metrics(client, run_id, epoch, int(epoch["step"]), steps)
+
+
+def timings(clock: dict[str, float], history: list[dict[str, float]]) -> dict[str, float]:
+    """Where a trial's wall time went: orchestration overhead is what training and scoring
+    do not explain (BENCHMARKS.md)."""
+    trial = clock["end"] - clock["start"]
+    steps = sum(h.get("time/steps_s", 0.0) for h in history)
+    validate = sum(h.get("time/validate_s", 0.0) for h in history)
+    score = clock["score"] - clock["fit"]
+    out = {
+        "trial_time/total_s": trial,
+        "trial_time/fit_s": clock["fit"] - clock["start"],
+        "trial_time/score_s": score,
+        "trial_time/log_s": clock["end"] - clock["score"],
+        "trial_time/train_steps_s": steps,
+        "trial_time/validate_s": validate,
+        "trial_time/overhead_s": trial - steps - validate - score,
+    }
+    starts = [
+        h["time/first_step_at"] for h in history if h.get("time/first_step_at", 0) >= clock["start"]
+    ]
+    if starts:  # this attempt trained (a resumed, already trained trial does not)
+        out["trial_time/to_first_step_s"] = min(starts) - clock["start"]
+    return out
+
+
+def trial_label(trial_id: str, params: dict[str, Any]) -> str:
+    if params.get(BASELINE_KEY):
+        return f"{trial_id} baseline"
+    short = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sorted(params.items()))
+    return f"{trial_id} {short}"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _with_baseline(flat: dict[str, float], plan: Plan, is_baseline: bool) -> dict[str, float]:
+    """Add mCE-style aggregates against the baseline; the baseline trial publishes itself."""
+    path = storage.join(plan.directory, BASELINE)
+    if is_baseline and not storage.exists(path):
+        storage.write_json(path, flat)
+    if storage.exists(path):
+        return with_reference(flat, storage.read_json(path))
+    return flat  # the baseline has not finished yet; the sweep fills these in at its end
+
+
+def _log_trial_artifacts(
+    client: Any,
+    run_id: str,
+    exp: Experiment,
+    flat: dict[str, float],
+    checkpoint_path: str,
+    trial_id: str,
+) -> None:
+    log_artifacts(
+        client,
+        run_id,
+        {
+            "config.yaml": yaml.safe_dump(exp.to_dict(), sort_keys=False),
+            "metrics.md": rsum_table(flat) + "\n",
+            "metrics.csv": csv_table(flat),
+            "rsum_heatmap.png": heatmap_png(flat, title=f"trial {trial_id}: retrieval RSUM"),
+            "checkpoint.txt": checkpoint_path + "\n",
+        },
+    )
+    set_tags(client, run_id, {"clipray.checkpoint": checkpoint_path})
