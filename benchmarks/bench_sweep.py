@@ -7,7 +7,9 @@
    per trial, the time not spent in training steps, validation or scoring.
 3. Clean training throughput (samples/s) inside Ray Train (the baseline trial's second epoch)
    against the plain open_clip loop over the same model and batch in this process (same
-   thread count).
+   thread count); between them, the same training run (second epoch) in a process of its own
+   without Ray, and as a bare Ray Train run without Tune or the scorer pool, to show where the
+   difference comes from.
 
     python benchmarks/bench_sweep.py [--quick]
 """
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -60,16 +63,55 @@ def bare_trial() -> None:
     print(json.dumps({"fit_s": grid[0].metrics["fit_s"], "tuner_s": time.time() - t0}))
 
 
-def run_bare(env_overrides: dict[str, str]) -> dict[str, float]:
-    env = {**os.environ, **env_overrides}
+TRAIN_SETS = ["train.epochs=2", "data.train_size=2048", "data.val_size=64"]
+
+
+class _Quiet:
+    def on_step(self, step: int, metrics: dict) -> None:
+        pass
+
+    def on_checkpoint(self, metrics: dict, blob: dict | None) -> bool:
+        return False
+
+
+def train_child(where: str) -> None:
+    """Child mode: the sweep's training run without Tune; prints samples/s per epoch."""
+    import torch
+
+    from clipray.config import load_experiment, torch_threads
+
+    exp = load_experiment(REPO / "sweeps" / "default.yaml", TRAIN_SETS)
+    if where == "process":
+        from clipray.train import build_trainer
+
+        torch.set_num_threads(torch_threads(exp.train.cpus_per_worker))
+        trainer = build_trainer(exp, torch.device("cpu"))
+        trainer.fit(_Quiet())
+        history = trainer.history
+    else:
+        from clipray.distributed import make_trainer, read_checkpoint
+        from clipray.sweep import init_ray
+
+        init_ray()
+        with tempfile.TemporaryDirectory() as tmp:
+            result = make_trainer(exp, name="bare", storage_path=tmp, report_to_tune=False).fit()
+            history = read_checkpoint(result.checkpoint)["history"]
+    print(json.dumps([h["train/samples_per_s"] for h in history]))
+
+
+def run_child(flag: str, *args: str, env: dict[str, str] | None = None) -> Any:
     out = subprocess.run(
-        [sys.executable, __file__, "--bare-child"],
+        [sys.executable, __file__, flag, *args],
         env=env,
         capture_output=True,
         text=True,
         check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_bare(env_overrides: dict[str, str]) -> dict[str, float]:
+    return run_child("--bare-child", env={**os.environ, **env_overrides})
 
 
 def run_clipray_sweep(workdir: Path, epochs: int) -> tuple[float, list[dict]]:
@@ -126,9 +168,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one epoch per trial")
     parser.add_argument("--bare-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--train-child", choices=["process", "ray"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_child:
         bare_trial()
+        return
+    if args.train_child:
+        train_child(args.train_child)
         return
     from clipray.sweep import RAY_ENV
 
@@ -137,6 +183,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t0, trials = run_clipray_sweep(Path(tmp), epochs=2)
     plain = plain_throughput(batch=64, threads=2, rounds=6 if args.quick else 20)
+    alone = run_child("--train-child", "process")[-1]
+    bare_ray = run_child("--train-child", "ray")[-1]
 
     print("### Orchestration overhead\n")
     print("| what | wall s |\n|---|---|")
@@ -166,6 +214,14 @@ def main() -> None:
     print("\n### Training throughput inside Ray Train\n")
     print("| loop | samples/s | ratio to plain |\n|---|---|---|")
     print(f"| plain open_clip loop, this process, 2 threads | {plain:.0f} | 1.00 |")
+    print(
+        f"| the same training run (epoch 2) in a process of its own, no Ray | {alone:.0f} | "
+        f"{alone / plain:.3f} |"
+    )
+    print(
+        f"| the same run as a bare Ray Train run (no Tune, no scorer pool) | {bare_ray:.0f} | "
+        f"{bare_ray / plain:.3f} |"
+    )
     print(
         f"| clipray trial inside Ray Train (baseline, epoch 2, 2 threads) | {ray_rate:.0f} | "
         f"{ray_rate / plain:.3f} |"
