@@ -152,7 +152,8 @@ def test_normalize_matches_a_numpy_reference(models):
     images = rng.integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
     ref = (images.astype(np.float64) / 255.0 - np.array(clip.mean)) / np.array(clip.std)
     out = clip.normalize(torch.from_numpy(images))
-    assert out.shape == (2, 3, 64, 64)
+    assert out.shape == (2, 3, 64, 64) and out.dtype == torch.float32
+    assert out.is_contiguous()  # NCHW as the model's patch embedding expects
     np.testing.assert_allclose(out.numpy(), ref.transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-5)
     assert clip.mean == pytest.approx(open_clip.OPENAI_DATASET_MEAN)
     assert clip.std == pytest.approx(open_clip.OPENAI_DATASET_STD)
