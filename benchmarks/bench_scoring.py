@@ -25,13 +25,7 @@ import torch
 
 from clipray.config import Experiment, load_experiment
 from clipray.scoring import ScorerPool, eval_cells
-from clipray.train import build_trainer
-
-
-class _Quiet:
-    def on_step(self, step: int, metrics: dict) -> None: ...
-
-    def on_checkpoint(self, metrics: dict, blob: Any) -> None: ...
+from clipray.train import NoHooks, build_trainer
 
 
 def experiment(quick: bool, cache: str, actors: int) -> Experiment:
@@ -57,7 +51,7 @@ def checkpoints(exp: Experiment) -> list[dict]:
     """Two distinct checkpoints of the tiny model: as initialised and after one short epoch."""
     trainer = build_trainer(exp, torch.device("cpu"))
     first = trainer.state_dict()
-    trainer.fit(_Quiet())
+    trainer.fit(NoHooks())
     return [first, trainer.state_dict()]
 
 

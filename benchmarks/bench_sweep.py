@@ -63,15 +63,7 @@ def bare_trial() -> None:
     print(json.dumps({"fit_s": grid[0].metrics["fit_s"], "tuner_s": time.time() - t0}))
 
 
-TRAIN_SETS = ["train.epochs=2", "data.train_size=2048", "data.val_size=64"]
-
-
-class _Quiet:
-    def on_step(self, step: int, metrics: dict) -> None:
-        pass
-
-    def on_checkpoint(self, metrics: dict, blob: dict | None) -> bool:
-        return False
+TRAIN_SETS = ["data.train_size=2048", "data.val_size=64"]  # the sweep's trials and the children
 
 
 def train_child(where: str) -> None:
@@ -80,13 +72,13 @@ def train_child(where: str) -> None:
 
     from clipray.config import load_experiment, torch_threads
 
-    exp = load_experiment(REPO / "sweeps" / "default.yaml", TRAIN_SETS)
+    exp = load_experiment(REPO / "sweeps" / "default.yaml", [*TRAIN_SETS, "train.epochs=2"])
     if where == "process":
-        from clipray.train import build_trainer
+        from clipray.train import NoHooks, build_trainer
 
         torch.set_num_threads(torch_threads(exp.train.cpus_per_worker))
         trainer = build_trainer(exp, torch.device("cpu"))
-        trainer.fit(_Quiet())
+        trainer.fit(NoHooks())
         history = trainer.history
     else:
         from clipray.distributed import make_trainer, read_checkpoint
@@ -123,8 +115,7 @@ def run_clipray_sweep(workdir: Path, epochs: int) -> tuple[float, list[dict]]:
         f"storage={workdir}",
         "sweep.num_samples=2",
         f"train.epochs={epochs}",
-        "data.train_size=2048",
-        "data.val_size=64",
+        *TRAIN_SETS,
         "data.test_size=64",
         "eval.corruptions=[fog,gaussian_noise]",
         "eval.severities=[3]",

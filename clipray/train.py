@@ -49,6 +49,17 @@ class Hooks(Protocol):
     def on_checkpoint(self, metrics: dict[str, float], blob: dict[str, Any] | None) -> bool: ...
 
 
+class NoHooks:
+    """Hooks for a run whose caller only wants the trained state (``Trainer.history`` keeps
+    every checkpoint's metrics): reports nothing, never stops early."""
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_checkpoint(self, metrics: dict[str, float], blob: dict[str, Any] | None) -> bool:
+        return False
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warmup to 1, then cosine decay to 0 at ``total`` (open_clip's default schedule)."""
     if step < warmup:

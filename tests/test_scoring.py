@@ -34,7 +34,7 @@ from clipray.metrics import (
     retrieval_recall,
 )
 from clipray.model import build_model, load_weights
-from clipray.train import build_trainer, save_checkpoint
+from clipray.train import NoHooks, build_trainer, save_checkpoint
 from tests.conftest import small_experiment
 
 CPU = torch.device("cpu")
@@ -207,13 +207,7 @@ def checkpoints(tmp_path_factory, cache_dir) -> dict:
     exp = small_experiment("train.epochs=2", *eval_overrides(cache_dir))
     trainer = build_trainer(exp, CPU)
     blobs = {"initial": trainer.state_dict()}
-
-    class Quiet:
-        def on_step(self, step, metrics): ...
-
-        def on_checkpoint(self, metrics, blob): ...
-
-    trainer.fit(Quiet())
+    trainer.fit(NoHooks())
     blobs["trained"] = trainer.state_dict()
     for name, blob in blobs.items():
         save_checkpoint(out / f"{name}.pt", blob)
