@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,10 @@ class ClipModel:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # (scale, shift) per device for normalize: made once, not per batch
+    _affine: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(captions)
@@ -51,10 +55,15 @@ class ClipModel:
         # (Converting the permuted view as it is, then three allocating ops, took 12x longer and
         # handed the model channels-last strides.)
         x = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-        std = torch.tensor(self.std, dtype=torch.float64)
-        scale = (1.0 / (255.0 * std)).float().to(x.device).view(1, 3, 1, 1)
-        shift = (-torch.tensor(self.mean, dtype=torch.float64) / std).float().to(x.device)
-        return x.mul_(scale).add_(shift.view(1, 3, 1, 1))
+        if x.device not in self._affine:
+            std = torch.tensor(self.std, dtype=torch.float64).view(1, 3, 1, 1)
+            mean = torch.tensor(self.mean, dtype=torch.float64).view(1, 3, 1, 1)
+            self._affine[x.device] = (
+                (1.0 / (255.0 * std)).float().to(x.device),
+                (-mean / std).float().to(x.device),
+            )
+        scale, shift = self._affine[x.device]
+        return x.mul_(scale).add_(shift)
 
 
 def _architecture(name: str) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from clipray.tracking import (
     set_tags,
     sweep_run,
 )
-from clipray.trial import BASELINE, Plan, run_trial, trial_experiment, trial_label
+from clipray.trial import BASELINE, Plan, describe, run_trial, trial_experiment
 
 MANIFEST = "clipray_sweep.json"
 # Orchestration latency (BENCHMARKS.md): Ray Train's controller polls its workers every
@@ -210,12 +210,7 @@ class _TrialLines(tune.Callback):
                     flush=True,
                 )
             return
-        params = {k: v for k, v in trial.config.items() if k != BASELINE_KEY}
-        what = (
-            "baseline (epsilon=0)"
-            if trial.config.get(BASELINE_KEY)
-            else trial_label("", params).strip()
-        )
+        what = "baseline (epsilon=0)" if trial.config.get(BASELINE_KEY) else describe(trial.config)
         nan = float("nan")
         print(
             f"trial {trial.trial_id} done: {what} | clean rsum {r.get('clean/rsum', nan):.1f}"

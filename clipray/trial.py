@@ -147,10 +147,17 @@ def timings(clock: dict[str, float], history: list[dict[str, float]]) -> dict[st
 
 
 def trial_label(trial_id: str, params: dict[str, Any]) -> str:
+    """The trial's MLflow run name: its id and what was sampled for it."""
+    return f"{trial_id} {describe(params)}"
+
+
+def describe(params: dict[str, Any]) -> str:
+    """``baseline``, or the sampled values by their last name: ``epsilon=0.05, layer=2``."""
     if params.get(BASELINE_KEY):
-        return f"{trial_id} baseline"
-    short = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sorted(params.items()))
-    return f"{trial_id} {short}"
+        return "baseline"
+    return ", ".join(
+        f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sorted(params.items()) if k != BASELINE_KEY
+    )
 
 
 def _fmt(v: Any) -> str:
