@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from clipray.config import Experiment, load_experiment
 
-os.environ.setdefault("CLIPRAY_TEST", "1")
 torch.set_num_threads(1)  # tiny models: one thread is faster, and steadier on a shared machine
 
 

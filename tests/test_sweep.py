@@ -1,4 +1,5 @@
-"""The sweep: search pieces, bad input before any trial, and a SIGKILL + resume end to end."""
+"""The sweep: search pieces, bad input before any trial, a SIGKILL + resume end to end, and the
+same command on a two-node cluster."""
 
 from __future__ import annotations
 
@@ -386,3 +387,61 @@ def test_asha_stops_cooperatively_and_never_the_baseline_or_a_finished_trial(tmp
     for value, t in zip([90, 80, 1.0], [others[0], others[1], late], strict=True):
         scheduler.on_trial_result(None, t, {"epoch": 4.0, "val/rsum": value})
     assert not Path(stop_marker_path(str(tmp_path), late.trial_id)).exists()
+
+
+# ------------------------------------------------------------ the same command on a cluster
+@pytest.mark.ray
+def test_sweep_joins_a_two_node_cluster_and_trains_across_it(tmp_path):
+    """``clipray sweep`` with RAY_ADDRESS set runs on that cluster: each trial's two Train
+    workers (1.5 CPUs each) cannot share a 2-CPU node, so every trial trains across both."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    try:
+        cluster.wait_for_nodes()
+        overrides = [
+            "name=cluster-test",
+            f"storage={tmp_path / 'runs'}",  # one filesystem: every simulated node reaches it
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"eval.cache_dir={tmp_path / 'cache'}",
+            "sweep.num_samples=2",
+            "data.train_size=128",
+            "data.val_size=16",
+            "data.test_size=16",
+            "train.batch_size=32",
+            "train.epochs=1",
+            "train.warmup_steps=2",
+            "train.num_workers=2",
+            "eval.corruptions=[fog]",
+            "eval.severities=[1]",
+        ]
+        sets = [a for o in overrides for a in ("--set", o)]
+        done = subprocess.run(
+            [str(BIN / "clipray"), "sweep", *sets],
+            cwd=tmp_path,
+            env={**os.environ, "RAY_ADDRESS": cluster.address},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+        assert "finished: 2 trials" in done.stdout
+
+        ray.init(address=cluster.address, log_to_driver=False)
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)
+        nodes_per_run: dict[str, set[str]] = {}
+        for actor in workers:
+            nodes_per_run.setdefault(actor.placement_group_id, set()).add(actor.node_id)
+        assert len(nodes_per_run) == 2, nodes_per_run  # one Train run per trial
+        assert all(len(nodes) == 2 for nodes in nodes_per_run.values()), nodes_per_run
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    children = _child_runs(client)
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    assert all("agg/mean_corrupted_rsum" in r.data.metrics for r in children)
