@@ -10,6 +10,9 @@
    thread count); between them, the same training run (second epoch) in a process of its own
    without Ray, and as a bare Ray Train run without Tune or the scorer pool, to show where the
    difference comes from.
+4. Where the machine's cores go while a sweep trial trains: every process's CPU time from
+   ``/proc``, sampled every 2 s during the sweep of step 2, over the intervals in which a Ray Train
+   worker was training, grouped by role.
 
     python benchmarks/bench_sweep.py [--quick]
 """
@@ -19,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -106,8 +111,90 @@ def run_bare(env_overrides: dict[str, str]) -> dict[str, float]:
     return run_child("--bare-child", env={**os.environ, **env_overrides})
 
 
-def run_clipray_sweep(workdir: Path, epochs: int) -> tuple[float, list[dict]]:
-    """Run the real CLI; return its start time and each trial's final MLflow metrics."""
+# Who gets the CPU while a trial trains, by process role (matched against /proc/PID/cmdline).
+ROLES = [
+    ("Ray Train worker (the training)", r"RayTrainWorker"),
+    (
+        "Ray Train's per-run actors: controller, placement-group cleaner, sync, dataset manager,"
+        " autoscaling coordinator",
+        r"TrainController|PlacementGroupCleaner|SynchronizationActor|DatasetManager"
+        r"|_AutoscalingCoordinator",
+    ),
+    (
+        "Tune: the sweep driver, the trial process, Tune's report-queue actor",
+        r"clipray sweep"
+        r"|ImplicitFunc|_QueueActor",
+    ),
+    ("clipray's scorer pool (idle while training)", r"ray::_Coordinator|ray::_Worker"),
+    (
+        "Ray's system processes: GCS, raylet, dashboard and its modules, agents, log monitor",
+        r"gcs_server|raylet|dashboard|DashboardAgent|log_monitor|monitor\.py|runtime_env",
+    ),
+]
+OTHER = "anything else on the host"
+
+
+class CpuShares:
+    """Samples every process's CPU time from /proc every ``interval`` s on a thread; keeps the
+    intervals in which a Ray Train worker used more than one core, and sums them by role."""
+
+    def __init__(self, interval: float = 2.0):
+        self.interval = interval
+        self.totals = dict.fromkeys([role for role, _ in ROLES] + [OTHER], 0.0)  # core-seconds
+        self.seconds = 0.0  # of intervals with training in them
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._hz = os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> CpuShares:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def _snapshot() -> dict[int, tuple[int, str]]:
+        out = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                cmd = (
+                    Path(f"/proc/{pid}/cmdline")
+                    .read_bytes()
+                    .replace(b"\0", b" ")
+                    .decode(errors="replace")
+                )
+            except OSError:  # the process ended
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[int(pid)] = (int(fields[11]) + int(fields[12]), cmd)  # utime + stime
+        return out
+
+    def _run(self) -> None:
+        before, t0 = self._snapshot(), time.time()
+        while not self._stop.wait(self.interval):
+            after, t1 = self._snapshot(), time.time()
+            used: dict[str, float] = dict.fromkeys(self.totals, 0.0)
+            for pid, (ticks, cmd) in after.items():
+                cores = (ticks - before.get(pid, (ticks, ""))[0]) / self._hz / (t1 - t0)
+                role = next((r for r, pattern in ROLES if re.search(pattern, cmd)), OTHER)
+                used[role] += cores
+            if used[ROLES[0][0]] > 1.0:  # a Train worker is training in this interval
+                for role, cores in used.items():
+                    self.totals[role] += cores * (t1 - t0)
+                self.seconds += t1 - t0
+            before, t0 = after, t1
+
+    def shares(self) -> dict[str, float]:
+        """Mean cores per role over the training intervals."""
+        return {r: c / self.seconds for r, c in self.totals.items()} if self.seconds else {}
+
+
+def run_clipray_sweep(workdir: Path, epochs: int) -> tuple[float, list[dict], dict[str, float]]:
+    """Run the real CLI; return its start time, each trial's final MLflow metrics, and the mean
+    cores each process role used while a trial trained."""
     from mlflow.tracking import MlflowClient
 
     overrides = [
@@ -122,13 +209,14 @@ def run_clipray_sweep(workdir: Path, epochs: int) -> tuple[float, list[dict]]:
     ]
     sets = [a for o in overrides for a in ("--set", o)]
     t0 = time.time()
-    subprocess.run(
-        [str(BIN / "clipray"), "sweep", str(REPO / "sweeps" / "default.yaml"), *sets],
-        cwd=workdir,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    with CpuShares() as cpu:
+        subprocess.run(
+            [str(BIN / "clipray"), "sweep", str(REPO / "sweeps" / "default.yaml"), *sets],
+            cwd=workdir,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("clipray")
     runs = [r for r in client.search_runs([exp.experiment_id]) if "clipray.trial_id" in r.data.tags]
@@ -142,7 +230,7 @@ def run_clipray_sweep(workdir: Path, epochs: int) -> tuple[float, list[dict]]:
             h.value for h in client.get_metric_history(r.info.run_id, "time/first_step_at")
         )
         trials.append(m)
-    return t0, trials
+    return t0, trials, cpu.shares()
 
 
 def plain_throughput(batch: int, threads: int, rounds: int) -> float:
@@ -172,7 +260,7 @@ def main() -> None:
     defaults = run_bare({})
     tuned = run_bare(dict(RAY_ENV))
     with tempfile.TemporaryDirectory() as tmp:
-        t0, trials = run_clipray_sweep(Path(tmp), epochs=2)
+        t0, trials, shares = run_clipray_sweep(Path(tmp), epochs=2)
     plain = plain_throughput(batch=64, threads=2, rounds=6 if args.quick else 20)
     alone = run_child("--train-child", "process")[-1]
     bare_ray = run_child("--train-child", "ray")[-1]
@@ -217,6 +305,12 @@ def main() -> None:
         f"| clipray trial inside Ray Train (baseline, epoch 2, 2 threads) | {ray_rate:.0f} | "
         f"{ray_rate / plain:.3f} |"
     )
+    if shares:
+        print(f"\n### Where the {os.cpu_count()} cores go while a sweep trial trains\n")
+        print("| process role | cores |\n|---|---|")
+        for role, cores in shares.items():
+            print(f"| {role} | {cores:.2f} |")
+        print(f"| all | {sum(shares.values()):.2f} |")
 
 
 if __name__ == "__main__":
