@@ -135,8 +135,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from clipray.sweep import run_sweep
 
     exp, space = _sweep_inputs(args.file, args.set, args.space)
-    run_sweep(exp, space, resume=args.resume)
-    return 0
+    return 0 if run_sweep(exp, space, resume=args.resume).complete else 1
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -144,8 +143,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from clipray.sweep import load_plan, run_sweep
 
     exp, space = load_plan(args.directory)
-    run_sweep(exp, space, resume=True)
-    return 0
+    return 0 if run_sweep(exp, space, resume=True).complete else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,6 +56,11 @@ def recall_key(direction: str, k: int) -> str:
     return f"{direction}_R{k}"
 
 
+def retrieval_keys(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
+    """The keys of :func:`retrieval_recall`'s result, in its order."""
+    return [recall_key(d, k) for d in ("i2t", "t2i") for k in ks] + ["rsum"]
+
+
 def _name(value: object, what: str) -> str:
     if not isinstance(value, str) or not re.fullmatch(_NAME, value):
         raise ValueError(f"{what} must be a non-empty string of [A-Za-z0-9_.-], got {value!r}")
@@ -217,10 +222,7 @@ def retrieval_recall(
         ks,
         chunk_size or max(1, _BLOCK_ELEMENTS // images.shape[0]),
     )
-    out = {recall_key("i2t", k): r for k, r in zip(ks, i2t, strict=True)}
-    out |= {recall_key("t2i", k): r for k, r in zip(ks, t2i, strict=True)}
-    out["rsum"] = math.fsum(i2t + t2i)
-    return out
+    return dict(zip(retrieval_keys(ks), [*i2t, *t2i, math.fsum(i2t + t2i)], strict=True))
 
 
 # ---------------------------------------------------------------- corruption aggregates

@@ -26,6 +26,7 @@ from clipray.metrics import (
     flatten_cell_metrics,
     flatten_clean,
     flatten_summary,
+    retrieval_keys,
     unflatten_cell_metrics,
 )
 
@@ -204,3 +205,12 @@ def with_reference(flat: Mapping[str, float], reference_flat: Mapping[str, float
 
 
 # ------------------------------------------------------------------------------------ actors
+
+
+def result_keys(cfg: EvalConfig, reference: bool) -> list[str]:
+    """Every key a scoring result for ``cfg`` holds (the agg/* against a reference model too,
+    when there is one), found by assembling a result of placeholder values."""
+    placeholder = dict.fromkeys(retrieval_keys(), 1.0)
+    cells = eval_cells(cfg)
+    flat = flat_result(cells, dict.fromkeys(cells, placeholder))
+    return list(with_reference(flat, flat) if reference else flat)

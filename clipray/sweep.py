@@ -27,6 +27,8 @@ from ray import tune
 
 from clipray import storage
 from clipray.config import ConfigError, Experiment, experiment_from_dict
+from clipray.distributed import TRAIN_ENV
+from clipray.metrics import retrieval_keys
 from clipray.scoring import ScorerPool, with_reference
 from clipray.searcher import (
     BASELINE_KEY,
@@ -55,25 +57,42 @@ from clipray.tracking import (
 from clipray.trial import BASELINE, Plan, describe, run_trial, trial_experiment
 
 MANIFEST = "clipray_sweep.json"
-# Orchestration latency (BENCHMARKS.md): Ray Train's controller polls its workers every
-# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and every report waits for a poll; the
-# preemption watcher and metrics exporters are extra actors/threads a sweep does not need.
-RAY_ENV = {
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_METRICS_ENABLED": "0",
+RAY_ENV = {  # the Train settings (clipray.distributed.TRAIN_ENV) and the sweep driver's
+    **TRAIN_ENV,
     "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",  # epoch reports carry no corrupted metrics yet
     "RAY_AIR_NEW_OUTPUT": "0",  # the classic trial table, with the columns we choose
 }
 
 
 # ------------------------------------------------------------------------------ driver side
-def prepare(exp: Experiment, space: SearchSpace, resume: bool) -> Plan:
-    """Check storage, tracking and the sweep directory; create or reload the manifest."""
+def check_inputs(exp: Experiment, space: SearchSpace) -> None:
+    """What the config alone can get wrong, found before anything is written or started."""
+    from clipray.scoring_plan import resolve_cache_dir, result_keys
+
+    known = result_keys(exp.eval, reference=exp.sweep.baseline)
+    if exp.sweep.metric not in known:
+        agg = sorted(k for k in known if k.startswith("agg/") and k.count("/") == 1)
+        raise ConfigError(
+            f"sweep.metric: {exp.sweep.metric!r} is not a scoring result for these corruptions "
+            f"and severities; e.g. {', '.join(agg)}, clean/rsum or corrupt/<name>/s<k>/rsum"
+            + ("" if exp.sweep.baseline else " (agg/mce and relative_* need sweep.baseline)")
+        )
+    epoch_keys = [f"val/{k}" for k in retrieval_keys()]
+    if exp.sweep.asha.enabled and exp.sweep.asha.metric not in epoch_keys:
+        raise ConfigError(
+            f"sweep.asha.metric: {exp.sweep.asha.metric!r} is not a per-epoch metric (higher is "
+            f"better); one of {', '.join(epoch_keys)}"
+        )
+    make_searcher(exp, space)  # the sampler's own constraints (grid: choice params only)
+    resolve_cache_dir(exp)  # remote storage needs an explicit eval.cache_dir
+
+
+def check_destination(exp: Experiment, space: SearchSpace, resume: bool) -> Plan | None:
+    """Storage writable, tracking reachable, and the sweep directory right for a new sweep (None)
+    or for a resume (the saved plan). Writes only a probe file and the tracking schema."""
     directory = storage.join(storage.absolute(exp.storage), exp.name)
     storage.check_writable(storage.absolute(exp.storage), "storage")
     manifest = storage.join(directory, MANIFEST)
-    space_dict = {k: v.model_dump(mode="json") for k, v in space.params.items()}
     if storage.exists(manifest):
         if not resume:
             raise ConfigError(
@@ -81,7 +100,8 @@ def prepare(exp: Experiment, space: SearchSpace, resume: bool) -> Plan:
                 "--resume, or choose another name (--set name=...)"
             )
         saved = storage.read_json(manifest)
-        if saved["experiment"] != exp.to_dict() or saved["space"] != space_dict:
+        same = _same_config(saved["experiment"], exp.to_dict())
+        if not same or saved["space"] != _space_dict(space):
             raise ConfigError(f"{directory}: that sweep was run with a different config or space")
         return Plan(
             saved["sweep_id"],
@@ -92,13 +112,18 @@ def prepare(exp: Experiment, space: SearchSpace, resume: bool) -> Plan:
         )
     if resume:
         raise ConfigError(f"{directory}: not a clipray sweep (no {MANIFEST}); nothing to resume")
+    prepare_backend(resolve_uri(exp))
+    return None
+
+
+def start_plan(exp: Experiment, space: SearchSpace) -> Plan:
+    """A new sweep: its MLflow parent run (config, space, commit) and the manifest."""
+    directory = storage.join(storage.absolute(exp.storage), exp.name)
     uri = resolve_uri(exp)
-    prepare_backend(uri)
     experiment_id = get_or_create_experiment(uri, exp.tracking.experiment, artifact_root(exp, uri))
     sweep_id = f"{exp.name}-{uuid.uuid4().hex[:8]}"
     tracking = Tracking(uri, experiment_id, sweep_run(uri, experiment_id, sweep_id, exp.name))
-    plan = Plan(sweep_id, directory, exp.to_dict(), space_dict, tracking)
-    storage.write_json(manifest, {**asdict(plan), "tracking": asdict(tracking)})
+    plan = Plan(sweep_id, directory, exp.to_dict(), _space_dict(space), tracking)
     client = tracking.client()
     log_params(client, tracking.parent_run_id, {**flatten(exp.to_dict()), "sweep_id": sweep_id})
     log_artifacts(
@@ -106,23 +131,41 @@ def prepare(exp: Experiment, space: SearchSpace, resume: bool) -> Plan:
         tracking.parent_run_id,
         {
             "config.yaml": yaml.safe_dump(exp.to_dict(), sort_keys=False),
-            "search_space.yaml": yaml.safe_dump(space_dict, sort_keys=False),
+            "search_space.yaml": yaml.safe_dump(plan.space, sort_keys=False),
         },
+    )
+    storage.write_json(
+        storage.join(directory, MANIFEST), {**asdict(plan), "tracking": asdict(tracking)}
     )
     return plan
 
 
+def _same_config(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """The manifest's config is this one; where storage is (found there, so) aside."""
+    return {**saved, "storage": None} == {**current, "storage": None}
+
+
+def _space_dict(space: SearchSpace) -> dict[str, Any]:
+    return {k: v.model_dump(mode="json") for k, v in space.params.items()}
+
+
 def load_plan(directory: str) -> tuple[Experiment, SearchSpace]:
-    """Experiment and space of an existing sweep directory (``clipray resume DIR``)."""
+    """Experiment and space of an existing sweep directory (``clipray resume DIR``), with its
+    storage where DIR is (a relative ``storage`` was relative to where the sweep started)."""
     from clipray.space import parse_space
 
-    manifest = storage.join(storage.absolute(directory), MANIFEST)
+    directory = storage.absolute(directory).rstrip("/")
+    manifest = storage.join(directory, MANIFEST)
     if not storage.exists(manifest):
         raise ConfigError(f"{directory}: not a clipray sweep (no {MANIFEST})")
     saved = storage.read_json(manifest)
-    return experiment_from_dict(saved["experiment"], manifest), parse_space(
-        saved["space"], manifest
-    )
+    if directory.rsplit("/", 1)[-1] != saved["experiment"]["name"]:
+        raise ConfigError(
+            f"{directory}: holds the sweep {saved['experiment']['name']!r}; a sweep directory "
+            "must keep its name"
+        )
+    raw = {**saved["experiment"], "storage": directory.rsplit("/", 1)[0]}
+    return experiment_from_dict(raw, manifest), parse_space(saved["space"], manifest)
 
 
 def check_resources(exp: Experiment, local: bool) -> None:
@@ -146,20 +189,21 @@ def check_resources(exp: Experiment, local: bool) -> None:
 def init_ray() -> bool:
     """Join the cluster when there is one (RAY_ADDRESS / ray up), else start Ray here.
 
-    Returns whether Ray runs on this machine only.
+    Returns whether Ray runs on this machine only (and no autoscaler may add nodes).
     """
     os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
-    if ray.is_initialized():
-        return len(ray.nodes()) == 1
-    runtime_env = {
-        "env_vars": {k: os.environ[k] for k in RAY_ENV},
-        "worker_process_setup_hook": "clipray._ray_setup.quiet_logs",
-    }
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env)
-        return False
-    ray.init(runtime_env=runtime_env)  # the dashboard also serves Ray's state API
-    return True
+    if not ray.is_initialized():
+        runtime_env = {
+            "env_vars": {k: os.environ[k] for k in RAY_ENV},
+            "worker_process_setup_hook": "clipray._ray_setup.quiet_logs",
+        }
+        address = os.environ.get("RAY_ADDRESS")
+        try:
+            ray.init(runtime_env=runtime_env)  # the dashboard also serves Ray's state API
+        except ConnectionError as e:
+            raise ConfigError(f"RAY_ADDRESS: no Ray cluster at {address!r} ({e})") from None
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    return not os.environ.get("RAY_ADDRESS") and len(alive) == 1
 
 
 class _EpochsToMlflow(tune.Callback):
@@ -272,11 +316,17 @@ def _reporter(exp: Experiment, space: SearchSpace) -> tune.CLIReporter:
 class SweepSummary:
     sweep_id: str
     directory: str
-    trials: int
+    trials: int  # finished: scored, or stopped early by ASHA
     best_trial: str | None
     best_value: float | None
     best_checkpoint: str | None
     tracking_uri: str
+    expected: int = 0  # num_samples
+    failed: int = 0  # trials that ended in an error (after their retries)
+
+    @property
+    def complete(self) -> bool:
+        return self.trials >= self.expected and not self.failed
 
 
 def run_sweep(
@@ -284,23 +334,33 @@ def run_sweep(
 ) -> SweepSummary:
     """Run (or resume) a sweep to ``num_samples`` trials; returns where the best one is."""
     t0 = time.perf_counter()
-    # 1. Storage, tracking and the manifest — all bad input fails here, before any trial.
-    plan = prepare(exp, space, resume)
-    out(f"sweep {plan.sweep_id}: {exp.sweep.num_samples} trials, results in {plan.directory}")
-    # 2. Ray, and the scorer pool shared by all trials (its corrupted set comes from the cache).
+    # 1. All bad input fails here, before the manifest or any MLflow run is written.
+    check_inputs(exp, space)
+    plan = check_destination(exp, space, resume)
     check_resources(exp, local=init_ray())
-    pool = ScorerPool.create(exp, name=plan.pool_name)
-    info = pool.ready()
-    out(
-        f"scorer pool ready: {info['corrupted_cells']} corruption x severity cells on "
-        f"{info['actors']} actors, {info['builds']} built, {info['hits']} from cache "
-        f"({time.perf_counter() - t0:.0f}s)"
-    )
+    plan = plan or start_plan(exp, space)
+    client = plan.tracking.client()
+    client.update_run(plan.tracking.parent_run_id, status="RUNNING")  # again, on a resume
+    out(f"sweep {plan.sweep_id}: {exp.sweep.num_samples} trials, results in {plan.directory}")
+    pool = None
     try:
+        # 2. The scorer pool shared by all trials (its corrupted set comes from the cache).
+        pool = ScorerPool.create(exp, name=plan.pool_name)
+        info = pool.ready()
+        out(
+            f"scorer pool ready: {info['corrupted_cells']} corruption x severity cells on "
+            f"{info['actors']} actors, {info['builds']} built, {info['hits']} from cache "
+            f"({time.perf_counter() - t0:.0f}s)"
+        )
         # 3. Search: Tune + Optuna (+ ASHA), the baseline first.
         results = _tuner(exp, space, plan, resume).fit()
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        finish(client, plan.tracking.parent_run_id, status="KILLED" if interrupted else "FAILED")
+        raise
     finally:
-        pool.shutdown()
+        if pool is not None:
+            pool.shutdown()
     # 4. Wrap up: baseline aggregates for early finishers, the best trial, the parent run.
     return _summarise(exp, plan, results, out)
 
@@ -311,21 +371,26 @@ def _summarise(
     metric = exp.sweep.metric
     client = plan.tracking.client()
     scored = [r for r in results if r.metrics and metric in r.metrics]
+    stopped = [r for r in results if r.metrics and r.metrics.get("early_stopped")]
     _backfill_reference(client, plan, scored)
     best = None
     if scored:
         best = max(scored, key=lambda r: r.metrics[metric] * (1 if exp.sweep.mode == "max" else -1))
         _record_best(client, exp, plan, best, len(scored))
-    finish(client, plan.tracking.parent_run_id)
     summary = SweepSummary(
         plan.sweep_id,
         plan.directory,
-        len(results),
+        len(scored) + len(stopped),
         best.metrics.get("trial_id") if best else None,
         best.metrics[metric] if best else None,
         best.metrics.get("checkpoint_path") if best else None,
         plan.tracking.uri,
+        expected=exp.sweep.num_samples,
+        failed=results.num_errors,
     )
+    # Interrupted (Tune takes Ctrl-C and returns) or failed trials: the sweep is not finished.
+    status = "FINISHED" if summary.complete else "FAILED" if summary.failed else "KILLED"
+    finish(client, plan.tracking.parent_run_id, status=status)
     for line in summary_lines(summary, metric):
         out(line)
     return summary
@@ -393,7 +458,15 @@ def summary_lines(s: SweepSummary, metric: str) -> list[str]:
         if s.tracking_uri.startswith("sqlite")
         else f"open {s.tracking_uri}"
     )
-    lines = [f"sweep {s.sweep_id} finished: {s.trials} trials in {s.directory}"]
+    if s.complete:
+        trials = f"{s.trials} trial{'s' * (s.trials != 1)}"
+        lines = [f"sweep {s.sweep_id} finished: {trials} in {s.directory}"]
+    else:
+        failed = f", {s.failed} failed (see their error.txt there)" if s.failed else ""
+        lines = [
+            f"sweep {s.sweep_id} incomplete: {s.trials} of {s.expected} trials finished{failed}; "
+            f"continue it with: clipray resume {s.directory}"
+        ]
     if s.best_trial is not None:
         lines += [
             f"best trial {s.best_trial}: {metric} = {s.best_value:.2f}",

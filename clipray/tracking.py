@@ -23,6 +23,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from clipray import storage
 from clipray.config import ConfigError, Experiment
 
 SWEEP_TAG = "clipray.sweep_id"
@@ -32,22 +33,34 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
 def resolve_uri(exp: Experiment) -> str:
-    """Config first, then $MLFLOW_TRACKING_URI, else a SQLite file next to the sweep's results."""
+    """Config first, then $MLFLOW_TRACKING_URI, else a SQLite file next to the sweep's results.
+
+    Local stores come back absolute: Tune runs each trial in its own working directory.
+    """
     uri = exp.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return uri
-    if "://" in exp.storage:
+        return _absolute_uri(uri)
+    if storage.is_remote(exp.storage):
         raise ConfigError(
             f"tracking.uri: storage {exp.storage!r} is remote; set tracking.uri to an MLflow "
             "server (e.g. http://head-node:5000) so every node can log"
         )
-    return f"sqlite:///{(Path(exp.storage) / 'mlflow.db').resolve()}"
+    return f"sqlite:///{Path(storage.absolute(exp.storage)) / 'mlflow.db'}"
+
+
+def _absolute_uri(uri: str) -> str:
+    """``sqlite:///relative.db`` and plain directories made absolute; anything else as given."""
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).expanduser().resolve()}"
+    if ":" not in uri:  # a file store directory
+        return str(Path(uri).expanduser().resolve())
+    return uri
 
 
 def artifact_root(exp: Experiment, uri: str) -> str | None:
     """Artifacts of a local SQLite store live beside it; a server decides for itself."""
     if uri.startswith("sqlite:"):
-        return (Path(exp.storage) / "mlartifacts").resolve().as_uri()
+        return (Path(storage.absolute(exp.storage)) / "mlartifacts").as_uri()
     return None
 
 

@@ -19,7 +19,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.sample import Categorical, Float, Integer
 
-from clipray.cli import main
+from clipray.cli import _sweep_inputs, main
 from clipray.searcher import (
     BASELINE_KEY,
     BaselineFirst,
@@ -118,6 +118,15 @@ def test_multi_objective_and_samplers():
     searcher = make_searcher(exp, parse_space(SPACE, "s.yaml"))
     assert isinstance(searcher, BaselineFirst) and isinstance(searcher.inner, OptunaSearch)
     assert searcher.metric == ["clean/rsum", "agg/mean_corrupted_rsum"]
+    searcher.set_search_properties(None, None, tune_space(parse_space(SPACE, "s.yaml")))
+    assert BASELINE_KEY in searcher.suggest("t0")
+    for trial_id in ("t1", "t2", "t3"):
+        searcher.suggest(trial_id)
+    searcher.on_trial_complete("t1", {"clean/rsum": 300.0, "agg/mean_corrupted_rsum": 200.0})
+    searcher.on_trial_complete("t2", {"epoch": 1.0, "early_stopped": 1.0})  # stopped by ASHA
+    searcher.on_trial_complete("t3", None, error=True)
+    states = [t.state.name for t in searcher.inner._ot_study.trials]
+    assert states == ["COMPLETE", "PRUNED", "FAIL"]  # none left RUNNING
     grid = small_experiment("sweep.searcher.sampler=grid")
     with pytest.raises(ValueError, match="choice/grid params only"):
         make_searcher(grid, parse_space(SPACE, "s.yaml"))
@@ -184,6 +193,87 @@ def test_bad_search_spaces_fail_before_anything(tmp_path, capsys):
     bad.write_text(yaml.safe_dump({"perturb.epsilon": {"type": "uniform", "low": 1, "high": 0}}))
     _fails(capsys, ["sweep", str(file), "--space", str(bad)], "perturb.epsilon", "low")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("sets", "words"),
+    [
+        (["sweep.metric=agg/mean_corupted_rsum"], ["sweep.metric", "agg/mean_corrupted_rsum"]),
+        (["sweep.metric=agg/mce", "sweep.baseline=false"], ["sweep.metric", "baseline"]),
+        (["sweep.metric=corrupt/fog/s4/rsum", "eval.severities=[1,3]"], ["sweep.metric"]),
+        (["sweep.asha.enabled=true", "sweep.asha.metric=train/loss"], ["asha.metric", "val/rsum"]),
+        (["sweep.searcher.sampler=grid"], ["sweep.searcher.sampler", "grid"]),
+    ],
+)
+def test_bad_objectives_and_samplers_fail_before_anything(tmp_path, capsys, sets, words):
+    storage = tmp_path / "runs"
+    argv = ["sweep", str(_sweep_file(tmp_path, storage)), *[a for x in sets for a in ("--set", x)]]
+    _fails(capsys, argv, *words)
+    assert not storage.exists()
+
+
+def test_scoring_metric_names_are_those_a_result_holds():
+    from clipray.scoring_plan import result_keys
+
+    exp = small_experiment("eval.corruptions=[fog,snow]", "eval.severities=[1,5]")
+    keys = set(result_keys(exp.eval, reference=True))
+    assert {"clean/rsum", "clean/i2t_R1", "corrupt/snow/s5/t2i_R10", "agg/mce"} <= keys
+    assert {"agg/mean_corrupted_rsum", "agg/ce/fog", "agg/relative_mce"} <= keys
+    assert "corrupt/fog/s3/rsum" not in keys and "agg/ce/frost" not in keys
+    assert not {"agg/mce", "agg/relative_mce"} & set(result_keys(exp.eval, reference=False))
+
+
+@pytest.mark.ray
+def test_a_sweep_that_cannot_fit_on_this_machine_writes_nothing(tmp_path):
+    storage = tmp_path / "runs"
+    file = _sweep_file(tmp_path, storage)
+    done = subprocess.run(
+        [str(BIN / "clipray"), "sweep", str(file), "--set", "train.cpus_per_worker=8"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "need 9.1 CPUs" in done.stderr.splitlines()[-1]
+    assert not (storage / "s").exists()  # no manifest, so the fixed config can simply rerun
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    assert not [
+        r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+    ]
+
+
+def test_resume_finds_a_relative_storage_from_anywhere(tmp_path, monkeypatch):
+    from clipray.sweep import check_destination, load_plan, start_plan
+
+    monkeypatch.chdir(tmp_path)
+    file = _sweep_file(tmp_path, Path("runs"))  # storage: runs, relative to where it started
+    exp, space = _sweep_inputs(str(file), [], None)
+    assert check_destination(exp, space, resume=False) is None
+    plan = start_plan(exp, space)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    exp2, space2 = load_plan(str(tmp_path / "runs" / "s"))
+    assert exp2.storage == str(tmp_path / "runs")
+    again = check_destination(exp2, space2, resume=True)
+    assert again is not None and again.sweep_id == plan.sweep_id
+    assert again.directory == plan.directory == str(tmp_path / "runs" / "s")
+    assert not (elsewhere / "runs").exists()
+
+
+def test_local_tracking_stores_are_absolute(tmp_path, monkeypatch):
+    from clipray.tracking import resolve_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve_uri(small_experiment("storage=~/r")) == (
+        f"sqlite:///{tmp_path / 'home' / 'r' / 'mlflow.db'}"
+    )
+    rel = small_experiment("tracking.uri=sqlite:///m.db")
+    assert resolve_uri(rel) == f"sqlite:///{tmp_path / 'm.db'}"  # trials run in other cwds
+    assert resolve_uri(small_experiment("tracking.uri=http://h:5000")) == "http://h:5000"
 
 
 def test_resume_needs_a_sweep_of_the_same_config(tmp_path, capsys):
@@ -445,3 +535,76 @@ def test_sweep_joins_a_two_node_cluster_and_trains_across_it(tmp_path):
     children = _child_runs(client)
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     assert all("agg/mean_corrupted_rsum" in r.data.metrics for r in children)
+
+
+def test_an_incomplete_sweep_says_how_to_continue_it():
+    from clipray.sweep import SweepSummary, summary_lines
+
+    done = SweepSummary("s-1", "/r/s", 3, "t2", 250.0, "/r/s/train/t2/c", "sqlite:////r/m.db", 3)
+    assert done.complete and summary_lines(done, "m")[0] == "sweep s-1 finished: 3 trials in /r/s"
+    cut = SweepSummary("s-1", "/r/s", 1, None, None, None, "http://h:5000", 3)
+    failed = SweepSummary("s-1", "/r/s", 3, "t2", 250.0, "/r/s/c", "http://h:5000", 4, failed=1)
+    for s, words in ((cut, ["1 of 3"]), (failed, ["3 of 4", "1 failed"])):
+        assert not s.complete
+        first = summary_lines(s, "m")[0]
+        assert "incomplete" in first and "clipray resume /r/s" in first
+        assert all(w in first for w in words)
+
+
+@pytest.mark.ray
+def test_ctrl_c_leaves_a_sweep_to_resume_from_anywhere(tmp_path):
+    """Tune takes the first Ctrl-C and stops its trials; the sweep then says it is incomplete
+    (exit 1, parent run KILLED), and ``clipray resume DIR`` run from another directory
+    finishes it (relative storage is found where DIR is)."""
+    overrides = [
+        "name=int",
+        "storage=runs",  # relative to tmp_path, where the sweep starts
+        f"eval.cache_dir={tmp_path / 'cache'}",
+        "sweep.num_samples=1",
+        "data.train_size=256",
+        "data.val_size=16",
+        "data.test_size=16",
+        "train.batch_size=32",
+        "train.epochs=2",
+        "train.warmup_steps=2",
+        "eval.corruptions=[fog]",
+        "eval.severities=[1]",
+    ]
+    sets = [a for o in overrides for a in ("--set", o)]
+    proc = subprocess.Popen(
+        [str(BIN / "clipray"), "sweep", *sets],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    deadline = time.time() + 420
+    while time.time() < deadline and proc.poll() is None:
+        runs = _child_runs(client) if (tmp_path / "runs" / "mlflow.db").exists() else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.5)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-4000:]
+    assert "incomplete: 0 of 1 trials finished" in out, out[-4000:]
+    exp_id = client.get_experiment_by_name("clipray").experiment_id
+    parent = [r for r in client.search_runs([exp_id]) if SWEEP_TAG in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.status == "KILLED"
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    resumed = subprocess.run(
+        [str(BIN / "clipray"), "resume", str(tmp_path / "runs" / "int")],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert "finished: 1 trial in" in resumed.stdout
+    assert client.get_run(parent[0].info.run_id).info.status == "FINISHED"
+    children = _child_runs(client)
+    assert len(children) == 1 and all(r.info.status == "FINISHED" for r in children)
+    assert not (elsewhere / "runs").exists()
