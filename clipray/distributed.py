@@ -12,6 +12,7 @@ driver logs them to the trial's MLflow run. Workers import only what they run: n
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,17 @@ def worker_loop(config: dict[str, Any]) -> None:
     trainer.fit(_ReportHooks(config.get("stop_marker"), ranks))
 
 
+# Orchestration latency (BENCHMARKS.md): Ray Train's controller polls its workers every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and every report waits for a poll; the
+# preemption watcher and metrics exporters are extra actors/threads a trial does not need.
+# Ray Train hands its settings from the process that calls fit() to its controller and workers.
+TRAIN_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
+
+
 def use_gpu(exp: Experiment) -> bool:
     if exp.train.use_gpu == "auto":
         return bool(ray.cluster_resources().get("GPU", 0))
@@ -102,6 +114,8 @@ def make_trainer(
     Inside a Tune trial every report is forwarded to Tune; outside one, pass
     ``report_to_tune=False``.
     """
+    for key, value in TRAIN_ENV.items():  # however Ray was started; a user's own value wins
+        os.environ.setdefault(key, value)
     gpu = use_gpu(exp)
     resources = {"CPU": exp.train.cpus_per_worker}  # use_gpu adds one GPU per worker
     callbacks: list[Any] = []

@@ -109,15 +109,21 @@ class BaselineFirst(Searcher):
             return dict(self.baseline)
         return self.inner.suggest(trial_id)
 
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
+    def _has_objectives(self, result: dict | None) -> bool:
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        if trial_id != self.baseline_trial and all(m in result for m in metrics):
+        return result is not None and all(m in result for m in metrics)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id != self.baseline_trial and self._has_objectives(result):
             self.inner.on_trial_result(trial_id, result)  # epoch reports lack the objective
 
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
+        """A trial without its objectives (stopped early, or failed) is PRUNED (or FAIL) in
+        Optuna, single- or multi-objective alike."""
         if trial_id != self.baseline_trial:
+            result = result if self._has_objectives(result) else None
             self.inner.on_trial_complete(trial_id, result=result, error=error)
 
     def save(self, checkpoint_path: str) -> None:

@@ -81,13 +81,16 @@ def run_trial(params: dict[str, Any], plan: Plan) -> None:
         clock["fit"] = time.time()
         blob = read_checkpoint(result.checkpoint)
         _log_history(client, run_id, blob["history"])  # fills any gap a crash left
-        last = {k: v for k, v in blob["history"][-1].items() if k.startswith(("val/", "train/"))}
+        last = blob["history"][-1]  # the checkpoint's own entry
+        checkpoint = storage.join(  # with its scheme (Checkpoint.path drops s3:// and the like)
+            plan.directory, "train", trial_id, result.checkpoint.path.rstrip("/").rsplit("/")[-1]
+        )
         report = {
-            **last,
+            **{k: v for k, v in last.items() if k.startswith(("val/", "train/"))},
             "step": blob["step"],
-            "epoch": blob["step"] / _steps_per_epoch(blob),
+            "epoch": last["epoch"],  # step / steps per epoch, exact at an epoch's end
             "mlflow_run_id": run_id,
-            "checkpoint_path": result.checkpoint.path,
+            "checkpoint_path": checkpoint,
         }
         trained_all = report["epoch"] >= exp.train.epochs  # a late stop: score it all the same
         if storage.exists(marker) and not trained_all:  # no objective: Optuna records it pruned
@@ -97,10 +100,10 @@ def run_trial(params: dict[str, Any], plan: Plan) -> None:
             return
         # 3. Score the final weights on every corruption x severity with the shared pool.
         flat = ScorerPool.lookup(plan.pool_name).score(ray.put(blob))
-        flat = _with_baseline(flat, plan, is_baseline=not exp.perturb.active)
+        flat = _with_baseline(flat, plan, is_baseline=bool(params.get(BASELINE_KEY)))
         clock["score"] = time.time()
         # 4. Log the scores and artifacts; 5. report them to Tune (the objective among them).
-        _log_trial_artifacts(client, run_id, exp, flat, result.checkpoint.path, trial_id)
+        _log_trial_artifacts(client, run_id, exp, flat, checkpoint, trial_id)
         clock["end"] = time.time()
         flat.update(timings(clock, blob["history"]))
         log_metrics(client, run_id, flat, int(blob["step"]), set())
@@ -109,11 +112,6 @@ def run_trial(params: dict[str, Any], plan: Plan) -> None:
         finish(client, run_id, status="FAILED")
         raise
     tune.report({**report, **flat})
-
-
-def _steps_per_epoch(blob: dict[str, Any]) -> float:
-    first = blob["history"][0]
-    return first["step"] / first["epoch"]
 
 
 def _log_history(client: Any, run_id: str, history: list[dict[str, float]]) -> None:
