@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -171,6 +172,12 @@ class TrainConfig(_Section):
         None, ge=1, description="None: at every epoch end only"
     )
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint")
+
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _yaml_yes_no(cls, value: Any) -> Any:
+        """``use_gpu: yes`` is a YAML boolean; take it as the word it was written as."""
+        return {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
 
 
 # ---------------------------------------------------------------------------------------- eval

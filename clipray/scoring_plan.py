@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipray import storage
 from clipray.config import EvalConfig, Experiment, ModelConfig
 from clipray.corrupt import resolve_corruptions
 from clipray.corrupt_cache import fingerprint_images
@@ -99,12 +100,12 @@ def resolve_cache_dir(exp: Experiment) -> Path:
     """eval.cache_dir, else <storage>/cache; absolute, since actors may run elsewhere."""
     if exp.eval.cache_dir is not None:
         return Path(exp.eval.cache_dir).expanduser().resolve()
-    if "://" in exp.storage:
+    if storage.is_remote(exp.storage):
         raise ValueError(
             f"eval.cache_dir: storage {exp.storage!r} is remote; set eval.cache_dir to a local "
             "or shared directory"
         )
-    return (Path(exp.storage).expanduser() / "cache").resolve()
+    return Path(storage.absolute(exp.storage)) / "cache"
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,21 @@ def is_remote(path: str) -> bool:
 
 
 def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts]) if is_remote(base) else str(Path(base, *parts))
+    """``base/part/...``; a URI keeps its query (``s3://b/p?endpoint_override=...``) at the end."""
+    if not is_remote(base):
+        return str(Path(_local(base), *parts))
+    path, sep, query = base.partition("?")
+    return "/".join([path.rstrip("/"), *parts]) + sep + query
 
 
 def absolute(path: str) -> str:
-    """Remote URIs as given; local paths absolute, so every process agrees on them."""
-    return path if is_remote(path) else str(Path(path).expanduser().resolve())
+    """Remote URIs as given; local paths (``file://`` ones too) absolute, so every process
+    agrees on them."""
+    return path if is_remote(path) else str(Path(_local(path)).expanduser().resolve())
+
+
+def _local(path: str) -> str:
+    return path.removeprefix("file://")
 
 
 def _fs(path: str) -> tuple[pafs.FileSystem, str]:

@@ -99,7 +99,7 @@ def check_destination(exp: Experiment, space: SearchSpace, resume: bool) -> Plan
                 f"{directory}: a sweep named {exp.name!r} is already there; resume it with "
                 "--resume, or choose another name (--set name=...)"
             )
-        saved = storage.read_json(manifest)
+        saved = _read_manifest(manifest)
         same = _same_config(saved["experiment"], exp.to_dict())
         if not same or saved["space"] != _space_dict(space):
             raise ConfigError(f"{directory}: that sweep was run with a different config or space")
@@ -140,6 +140,14 @@ def start_plan(exp: Experiment, space: SearchSpace) -> Plan:
     return plan
 
 
+def _read_manifest(path: str) -> dict[str, Any]:
+    saved = storage.read_json(path)  # not JSON: a ValueError, reported as one line
+    keys = ("sweep_id", "experiment", "space", "tracking")
+    if not isinstance(saved, dict) or not all(k in saved for k in keys):
+        raise ConfigError(f"{path}: not a clipray sweep manifest (needs {', '.join(keys)})")
+    return saved
+
+
 def _same_config(saved: dict[str, Any], current: dict[str, Any]) -> bool:
     """The manifest's config is this one; where storage is (found there, so) aside."""
     return {**saved, "storage": None} == {**current, "storage": None}
@@ -158,7 +166,7 @@ def load_plan(directory: str) -> tuple[Experiment, SearchSpace]:
     manifest = storage.join(directory, MANIFEST)
     if not storage.exists(manifest):
         raise ConfigError(f"{directory}: not a clipray sweep (no {MANIFEST})")
-    saved = storage.read_json(manifest)
+    saved = _read_manifest(manifest)
     if directory.rsplit("/", 1)[-1] != saved["experiment"]["name"]:
         raise ConfigError(
             f"{directory}: holds the sweep {saved['experiment']['name']!r}; a sweep directory "
@@ -168,22 +176,33 @@ def load_plan(directory: str) -> tuple[Experiment, SearchSpace]:
     return experiment_from_dict(raw, manifest), parse_space(saved["space"], manifest)
 
 
-def check_resources(exp: Experiment, local: bool) -> None:
-    """The pool plus one trial must fit, or the first trial would wait forever."""
-    cpus = ray.cluster_resources().get("CPU", 0.0)
+def check_resources(exp: Experiment, have: dict[str, float], local: bool) -> None:
+    """The pool plus one trial must fit in ``have`` (the cluster's resources), or the first
+    trial would wait forever; on a cluster that may grow, only a warning."""
     sc, tr = exp.eval.scorers, exp.train
-    pool = sc.num_actors * sc.cpus_per_actor
-    trial = exp.sweep.cpus_per_trial + tr.num_workers * tr.cpus_per_worker
-    if pool + trial > cpus + 1e-9:
-        message = (
+    gpu = tr.use_gpu == "yes" or (tr.use_gpu == "auto" and have.get("GPU", 0) > 0)
+    trial_gpus = tr.num_workers if gpu else 0
+    needs = {
+        "CPU": (
+            sc.num_actors * sc.cpus_per_actor
+            + exp.sweep.cpus_per_trial
+            + tr.num_workers * tr.cpus_per_worker,
             f"eval.scorers / train.cpus_per_worker / sweep.cpus_per_trial: the scorer pool "
             f"({sc.num_actors} x {sc.cpus_per_actor} CPU) and one trial ({exp.sweep.cpus_per_trial}"
-            f" + {tr.num_workers} x {tr.cpus_per_worker} CPU) need {pool + trial:g} CPUs; "
-            f"this Ray cluster has {cpus:g}"
-        )
-        if local:
-            raise ConfigError(message)
-        print(f"warning: {message} (waiting for the autoscaler)", flush=True)
+            f" + {tr.num_workers} x {tr.cpus_per_worker} CPU)",
+        ),
+        "GPU": (
+            sc.num_actors * sc.gpus_per_actor + trial_gpus,
+            f"eval.scorers.gpus_per_actor / train.use_gpu: the scorer pool ({sc.num_actors} x "
+            f"{sc.gpus_per_actor} GPU) and one trial ({trial_gpus} GPU)",
+        ),
+    }
+    for what, (need, message) in needs.items():
+        if need > have.get(what, 0.0) + 1e-9:
+            message = f"{message} need {need:g} {what}s; this Ray cluster has {have.get(what, 0):g}"
+            if local:
+                raise ConfigError(message)
+            print(f"warning: {message} (waiting for the autoscaler)", flush=True)
 
 
 def init_ray() -> bool:
@@ -337,7 +356,8 @@ def run_sweep(
     # 1. All bad input fails here, before the manifest or any MLflow run is written.
     check_inputs(exp, space)
     plan = check_destination(exp, space, resume)
-    check_resources(exp, local=init_ray())
+    local = init_ray()
+    check_resources(exp, ray.cluster_resources(), local)
     plan = plan or start_plan(exp, space)
     client = plan.tracking.client()
     client.update_run(plan.tracking.parent_run_id, status="RUNNING")  # again, on a resume

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from clipray import storage
@@ -77,7 +78,11 @@ def prepare_backend(uri: str) -> None:
             ) from None
     elif uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    MlflowClient(uri).search_experiments(max_results=1)  # runs any schema migration now
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)  # runs any schema migration now
+    except (MlflowException, ImportError, OSError) as e:  # bad scheme, no DB driver, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"tracking.uri: cannot use {uri!r} ({first})") from None
 
 
 @dataclass(frozen=True)

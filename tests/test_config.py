@@ -22,6 +22,7 @@ from clipray.config import (
     load_experiment,
     parse_override,
 )
+from tests.conftest import small_experiment
 
 SECTIONS = ("data", "model", "perturb", "train", "eval", "tracking", "sweep")
 REPO = Path(__file__).resolve().parent.parent
@@ -433,3 +434,10 @@ def test_step_size_defaults_to_madrys_rule_and_can_be_set():
     assert PerturbConfig(epsilon=0.4, steps=5, step_size=0.01).resolved_step_size == 0.01
     with pytest.raises(ValidationError):
         PerturbConfig(step_size=0.0)
+
+
+def test_use_gpu_takes_yaml_yes_and_no():
+    assert small_experiment("train.use_gpu=yes").train.use_gpu == "yes"  # a YAML boolean
+    assert small_experiment("train.use_gpu=no").train.use_gpu == "no"
+    with pytest.raises(ConfigError, match="train.use_gpu"):
+        small_experiment("train.use_gpu=1")

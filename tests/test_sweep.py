@@ -20,6 +20,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.sample import Categorical, Float, Integer
 
 from clipray.cli import _sweep_inputs, main
+from clipray.config import ConfigError
 from clipray.searcher import (
     BASELINE_KEY,
     BaselineFirst,
@@ -212,6 +213,32 @@ def test_bad_objectives_and_samplers_fail_before_anything(tmp_path, capsys, sets
     assert not storage.exists()
 
 
+def test_an_unusable_tracking_uri_is_one_line(tmp_path, capsys):
+    storage = tmp_path / "runs"
+    file = _sweep_file(tmp_path, storage, tracking={"uri": "htp://typo:5000"})
+    _fails(capsys, ["sweep", str(file)], "tracking.uri", "htp://typo:5000")
+    assert not (storage / "s").exists()
+
+
+def test_resources_for_the_pool_and_one_trial():
+    from clipray.sweep import check_resources
+
+    exp = small_experiment("eval.scorers.num_actors=2", "eval.scorers.cpus_per_actor=0.5")
+    with pytest.raises(
+        ConfigError, match=r"\(2 x 0.5 CPU\).*need 2.1 CPUs; this Ray cluster has 2"
+    ):
+        check_resources(exp, {"CPU": 2.0}, local=True)  # pool 1 + trial driver 0.1 + 1 worker
+    check_resources(exp, {"CPU": 2.1}, local=True)
+    gpu = small_experiment("train.use_gpu=yes", "train.num_workers=2", "train.batch_size=16")
+    with pytest.raises(ConfigError, match=r"train.use_gpu.*need 2 GPUs; this Ray cluster has 1"):
+        check_resources(gpu, {"CPU": 8.0, "GPU": 1.0}, local=True)
+    check_resources(gpu, {"CPU": 8.0, "GPU": 2.0}, local=True)
+    pool = small_experiment("eval.scorers.gpus_per_actor=1")
+    with pytest.raises(ConfigError, match="gpus_per_actor.*need 2 GPUs"):
+        check_resources(pool, {"CPU": 8.0}, local=True)
+    check_resources(pool, {"CPU": 8.0}, local=False)  # a cluster may still grow: a warning
+
+
 def test_scoring_metric_names_are_those_a_result_holds():
     from clipray.scoring_plan import result_keys
 
@@ -293,6 +320,9 @@ def test_resume_needs_a_sweep_of_the_same_config(tmp_path, capsys):
     _fails(capsys, ["sweep", str(file), "--resume"], "different config")
     _fails(capsys, ["sweep", str(file)], "already there", "--resume")
     assert manifest.read_text() == before and sorted(sweep_dir.iterdir()) == [manifest]
+    manifest.write_text('{"sweep_id": "s-1"}')  # damaged: one line, not a KeyError traceback
+    _fails(capsys, ["sweep", str(file), "--resume"], "not a clipray sweep manifest")
+    _fails(capsys, ["resume", str(sweep_dir)], "not a clipray sweep manifest")
 
 
 # ------------------------------------------------------------- kill -9 mid-trial, then resume
@@ -608,3 +638,15 @@ def test_ctrl_c_leaves_a_sweep_to_resume_from_anywhere(tmp_path):
     children = _child_runs(client)
     assert len(children) == 1 and all(r.info.status == "FINISHED" for r in children)
     assert not (elsewhere / "runs").exists()
+
+
+def test_storage_paths_and_uris():
+    from clipray import storage
+
+    assert storage.join("s3://b/p?region=us-east-1", "s", "m.json") == (
+        "s3://b/p/s/m.json?region=us-east-1"  # the query stays the URI's
+    )
+    assert storage.join("s3://b/p/", "s") == "s3://b/p/s" and storage.is_remote("gs://b")
+    assert storage.absolute("file:///tmp/x") == "/tmp/x" and not storage.is_remote("file:///x")
+    assert storage.join("file:///tmp/x", "a") == "/tmp/x/a"
+    assert storage.absolute("~/r") == str(Path.home() / "r")
