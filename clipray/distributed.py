@@ -12,6 +12,7 @@ driver logs them to the trial's MLflow run. Workers import only what they run: n
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -36,6 +37,7 @@ from clipray.loss import Ranks
 from clipray.train import build_trainer, load_checkpoint, save_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "history.json"  # the blob's per-checkpoint metrics, readable without torch
 
 
 class _ReportHooks:
@@ -54,6 +56,7 @@ class _ReportHooks:
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(Path(tmp) / CHECKPOINT_FILE, blob)
+                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(blob["history"]))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         return stop_requested(self.stop_marker, self.ranks)
 

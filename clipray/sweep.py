@@ -27,7 +27,7 @@ from ray import tune
 
 from clipray import storage
 from clipray.config import ConfigError, Experiment, experiment_from_dict
-from clipray.distributed import TRAIN_ENV
+from clipray.distributed import HISTORY_FILE, TRAIN_ENV
 from clipray.metrics import retrieval_keys
 from clipray.scoring import ScorerPool, with_reference
 from clipray.searcher import (
@@ -226,10 +226,12 @@ def init_ray() -> bool:
 
 
 class _EpochsToMlflow(tune.Callback):
-    """Logs each trial's per-checkpoint metrics to its MLflow run, live, from the sweep driver.
+    """Logs each trial's per-checkpoint metrics to its MLflow run, from the sweep driver only.
 
-    The driver has MLflow loaded already, so logging costs training nothing; steps a run already
-    holds are skipped (a replay after a crash), and a trial back-fills any gap when it ends.
+    Live, as each checkpoint is reported; at the trial's last report, any step a crash left out
+    is filled in from the checkpoint's history. One writer, so no step is logged twice; steps a
+    run already holds are skipped (a replay after a crash). The driver has MLflow loaded
+    already, so logging costs training nothing.
     """
 
     KEYS = ("train/", "val/", "time/")
@@ -244,8 +246,8 @@ class _EpochsToMlflow(tune.Callback):
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
-        if self.objective in result or "step" not in result:
-            return  # the final report: the trial logs its scores itself
+        if "step" not in result:
+            return
         client = self.tracking.client()
         if trial.trial_id not in self._runs:
             run_id = find_run(client, self.tracking.experiment_id, TRIAL_TAG, trial.trial_id)
@@ -253,8 +255,17 @@ class _EpochsToMlflow(tune.Callback):
                 return
             self._runs[trial.trial_id] = (run_id, metric_steps(client, run_id, "train/loss"))
         run_id, steps = self._runs[trial.trial_id]
-        metrics = {k: v for k, v in result.items() if k.startswith(self.KEYS) or k == "epoch"}
-        log_metrics(client, run_id, metrics, int(result["step"]), steps)
+        last = self.objective in result or result.get("early_stopped")
+        history = _history(result["checkpoint_path"]) if last else [result]
+        for entry in history:
+            metrics = {k: v for k, v in entry.items() if k.startswith(self.KEYS) or k == "epoch"}
+            log_metrics(client, run_id, metrics, int(entry["step"]), steps)
+
+
+def _history(checkpoint: str) -> list[dict[str, Any]]:
+    """A trial checkpoint's per-checkpoint metrics (none from a checkpoint without the file)."""
+    path = storage.join(checkpoint, HISTORY_FILE)
+    return storage.read_json(path) if storage.exists(path) else []
 
 
 class _TrialLines(tune.Callback):

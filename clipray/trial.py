@@ -28,7 +28,6 @@ from clipray.tracking import (
     log_artifacts,
     log_metrics,
     log_params,
-    metric_steps,
     set_tags,
     trial_run,
 )
@@ -79,8 +78,7 @@ def run_trial(params: dict[str, Any], plan: Plan) -> None:
             stop_marker=marker,
         ).fit()
         clock["fit"] = time.time()
-        blob = read_checkpoint(result.checkpoint)
-        _log_history(client, run_id, blob["history"])  # fills any gap a crash left
+        blob = read_checkpoint(result.checkpoint)  # (epoch metrics: the sweep driver logs them)
         last = blob["history"][-1]  # the checkpoint's own entry
         checkpoint = storage.join(  # with its scheme (Checkpoint.path drops s3:// and the like)
             plan.directory, "train", trial_id, result.checkpoint.path.rstrip("/").rsplit("/")[-1]
@@ -112,12 +110,6 @@ def run_trial(params: dict[str, Any], plan: Plan) -> None:
         finish(client, run_id, status="FAILED")
         raise
     tune.report({**report, **flat})
-
-
-def _log_history(client: Any, run_id: str, history: list[dict[str, float]]) -> None:
-    steps = metric_steps(client, run_id, "train/loss")
-    for epoch in history:
-        log_metrics(client, run_id, epoch, int(epoch["step"]), steps)
 
 
 def timings(clock: dict[str, float], history: list[dict[str, float]]) -> dict[str, float]:

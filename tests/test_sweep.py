@@ -650,3 +650,40 @@ def test_storage_paths_and_uris():
     assert storage.absolute("file:///tmp/x") == "/tmp/x" and not storage.is_remote("file:///x")
     assert storage.join("file:///tmp/x", "a") == "/tmp/x/a"
     assert storage.absolute("~/r") == str(Path.home() / "r")
+
+
+def test_the_driver_logs_epochs_once_and_fills_what_a_crash_left_out(tmp_path):
+    """Live epoch reports are logged as they come; the trial's last report fills any step that
+    never arrived from its checkpoint's history; a replayed step is not logged twice."""
+    import json
+
+    from ray.tune.experiment import Trial
+
+    from clipray.distributed import HISTORY_FILE
+    from clipray.sweep import _EpochsToMlflow
+    from clipray.tracking import Tracking, get_or_create_experiment, sweep_run, trial_run
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    exp_id = get_or_create_experiment(uri, "clipray", None)
+    tracking = Tracking(uri, exp_id, sweep_run(uri, exp_id, "s-1", "s"))
+    trial = Trial("run_trial", config={}, stub=True)
+    run_id = trial_run(tracking, trial.trial_id, "t")
+    history = [
+        {"step": 16 * e, "epoch": float(e), "train/loss": 3.0 - e, "val/rsum": 100.0 * e}
+        for e in (1, 2, 3)
+    ]
+    checkpoint = tmp_path / "checkpoint_000002"
+    checkpoint.mkdir()
+    (checkpoint / HISTORY_FILE).write_text(json.dumps(history))
+    callback = _EpochsToMlflow(tracking, "agg/mean_corrupted_rsum")
+    callback.on_trial_result(0, [], trial, history[0])
+    callback.on_trial_result(0, [], trial, history[0])  # replayed after a restart
+    # (epoch 2's report never reached the driver: it was down)
+    callback.on_trial_result(0, [], trial, history[2])
+    final = {**history[2], "agg/mean_corrupted_rsum": 200.0, "checkpoint_path": str(checkpoint)}
+    callback.on_trial_result(0, [], trial, final)
+    client = MlflowClient(uri)
+    for key in ("train/loss", "val/rsum", "epoch"):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == [16, 32, 48], (key, steps)
+    assert "agg/mean_corrupted_rsum" not in client.get_run(run_id).data.metrics  # the trial's
