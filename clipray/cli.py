@@ -146,6 +146,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0 if run_sweep(exp, space, resume=True).complete else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Every trial of a sweep, best first, from its MLflow runs; also writes results.csv."""
+    from clipray import storage
+    from clipray.sweep import REPORT, report, saved_plan
+
+    plan = saved_plan(args.directory)
+    table, csv_text = report(plan)
+    print(table)
+    out = args.csv or storage.join(plan.directory, REPORT)
+    storage.write_text(out, csv_text)
+    print(f"written: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipray", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -195,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("resume", help="continue the sweep stored in DIRECTORY")
     r.add_argument("directory", help="<storage>/<name> of the sweep")
     r.set_defaults(func=cmd_resume)
+
+    r = sub.add_parser("report", help="every trial of the sweep in DIRECTORY, best first")
+    r.add_argument("directory", help="<storage>/<name> of the sweep")
+    r.add_argument(
+        "--csv", metavar="OUT", help="write the CSV here (default: DIRECTORY/results.csv)"
+    )
+    r.set_defaults(func=cmd_report)
     return p
 
 

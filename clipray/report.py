@@ -6,9 +6,11 @@ Pure functions of the flat metric dicts that scoring returns (keys built by
 
 from __future__ import annotations
 
+import csv
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from clipray.metrics import agg_key, cell_table, clean_key
 
@@ -44,6 +46,27 @@ def summary_lines(flat: Mapping[str, float]) -> list[str]:
 def csv_table(flat: Mapping[str, float]) -> str:
     """Every metric of the result, one ``key,value`` line each (sorted), for spreadsheets."""
     return "key,value\n" + "".join(f"{k},{v!r}\n" for k, v in sorted(flat.items()))
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def trials_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """Markdown table of a sweep's trials: one row each, ``columns`` as (header, key)."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(k, "")) for _, k in columns) + " |")
+    return "\n".join(lines)
+
+
+def trials_csv(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
+    """The same rows as CSV, full precision, one column per key."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(keys), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
 def heatmap_png(flat: Mapping[str, float], metric: str = "rsum", title: str = "") -> bytes:

@@ -60,7 +60,11 @@ def read_json(path: str) -> Any:
 
 def write_json(path: str, data: Any) -> None:
     """Write JSON atomically (temp file + rename) on local storage; one PUT on object stores."""
-    text = json.dumps(data, indent=1, sort_keys=True)
+    write_text(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def write_text(path: str, text: str) -> None:
+    """Write text atomically (temp file + rename) on local storage; one PUT on object stores."""
     if not is_remote(path):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)

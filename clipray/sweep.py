@@ -29,6 +29,7 @@ from clipray import storage
 from clipray.config import ConfigError, Experiment, experiment_from_dict
 from clipray.distributed import HISTORY_FILE, TRAIN_ENV
 from clipray.metrics import retrieval_keys
+from clipray.report import trials_csv, trials_table
 from clipray.scoring import ScorerPool, with_reference
 from clipray.searcher import (
     BASELINE_KEY,
@@ -51,6 +52,7 @@ from clipray.tracking import (
     metric_steps,
     prepare_backend,
     resolve_uri,
+    runs_of_sweep,
     set_tags,
     sweep_run,
 )
@@ -103,13 +105,7 @@ def check_destination(exp: Experiment, space: SearchSpace, resume: bool) -> Plan
         same = _same_config(saved["experiment"], exp.to_dict())
         if not same or saved["space"] != _space_dict(space):
             raise ConfigError(f"{directory}: that sweep was run with a different config or space")
-        return Plan(
-            saved["sweep_id"],
-            directory,
-            saved["experiment"],
-            saved["space"],
-            Tracking(**saved["tracking"]),
-        )
+        return _plan(saved, directory)
     if resume:
         raise ConfigError(f"{directory}: not a clipray sweep (no {MANIFEST}); nothing to resume")
     prepare_backend(resolve_uri(exp))
@@ -157,23 +153,40 @@ def _space_dict(space: SearchSpace) -> dict[str, Any]:
     return {k: v.model_dump(mode="json") for k, v in space.params.items()}
 
 
+def _saved(directory: str) -> tuple[str, dict[str, Any]]:
+    """A sweep directory (absolute) and its manifest; one line when it is not a sweep."""
+    directory = storage.absolute(directory).rstrip("/")
+    manifest = storage.join(directory, MANIFEST)
+    if not storage.exists(manifest):
+        raise ConfigError(f"{directory}: not a clipray sweep (no {MANIFEST})")
+    return directory, _read_manifest(manifest)
+
+
+def _plan(saved: dict[str, Any], directory: str) -> Plan:
+    tracking = Tracking(**saved["tracking"])
+    return Plan(saved["sweep_id"], directory, saved["experiment"], saved["space"], tracking)
+
+
 def load_plan(directory: str) -> tuple[Experiment, SearchSpace]:
     """Experiment and space of an existing sweep directory (``clipray resume DIR``), with its
     storage where DIR is (a relative ``storage`` was relative to where the sweep started)."""
     from clipray.space import parse_space
 
-    directory = storage.absolute(directory).rstrip("/")
-    manifest = storage.join(directory, MANIFEST)
-    if not storage.exists(manifest):
-        raise ConfigError(f"{directory}: not a clipray sweep (no {MANIFEST})")
-    saved = _read_manifest(manifest)
+    directory, saved = _saved(directory)
     if directory.rsplit("/", 1)[-1] != saved["experiment"]["name"]:
         raise ConfigError(
             f"{directory}: holds the sweep {saved['experiment']['name']!r}; a sweep directory "
             "must keep its name"
         )
     raw = {**saved["experiment"], "storage": directory.rsplit("/", 1)[0]}
-    return experiment_from_dict(raw, manifest), parse_space(saved["space"], manifest)
+    where = storage.join(directory, MANIFEST)
+    return experiment_from_dict(raw, where), parse_space(saved["space"], where)
+
+
+def saved_plan(directory: str) -> Plan:
+    """The plan recorded in a sweep directory (``clipray report DIR``)."""
+    directory, saved = _saved(directory)
+    return _plan(saved, directory)
 
 
 def check_resources(exp: Experiment, have: dict[str, float], local: bool) -> None:
@@ -419,12 +432,45 @@ def _summarise(
         expected=exp.sweep.num_samples,
         failed=results.num_errors,
     )
+    table, csv_text = report(plan)
+    storage.write_text(storage.join(plan.directory, REPORT), csv_text)
+    out(table)
     # Interrupted (Tune takes Ctrl-C and returns) or failed trials: the sweep is not finished.
     status = "FINISHED" if summary.complete else "FAILED" if summary.failed else "KILLED"
     finish(client, plan.tracking.parent_run_id, status=status)
     for line in summary_lines(summary, metric):
         out(line)
     return summary
+
+
+REPORT = "results.csv"  # every trial of the sweep, one row each, in the sweep directory
+REPORT_METRICS = (
+    ("clean rsum", "clean/rsum"),
+    ("relative robustness", "agg/relative_robustness"),
+    ("mCE", "agg/mce"),
+)
+
+
+def report(plan: Plan) -> tuple[str, str]:
+    """Every trial of the sweep from its MLflow runs, best first: a markdown table for the
+    console, and CSV (searched values and metrics at full precision) for analysis."""
+    exp = experiment_from_dict(plan.experiment, "sweep manifest")
+    metric, sign = exp.sweep.metric, 1 if exp.sweep.mode == "max" else -1
+    metrics = dict.fromkeys([metric, *(k for _, k in REPORT_METRICS)])
+    rows = []
+    for run in runs_of_sweep(plan.tracking.client(), plan.tracking):
+        row: dict[str, Any] = {
+            "trial_id": run.data.tags.get(TRIAL_TAG, ""),
+            "trial": run.info.run_name,
+            "status": run.info.status,
+        }
+        row |= {path: run.data.params.get(path, "") for path in plan.space}
+        row |= {k: run.data.metrics.get(k, float("nan")) for k in metrics}
+        rows.append(row)
+    rows.sort(key=lambda r: (r[metric] != r[metric], -sign * r[metric]))  # NaN (unscored) last
+    columns = [("trial", "trial"), ("status", "status"), (metric, metric), *REPORT_METRICS]
+    keys = ["trial_id", "trial", "status", *plan.space, *metrics]
+    return trials_table(rows, columns), trials_csv(rows, keys)
 
 
 def _backfill_reference(client: Any, plan: Plan, scored: list) -> None:
@@ -454,7 +500,7 @@ def _record_best(client: Any, exp: Experiment, plan: Plan, best: Any, scored: in
     }
     config_yaml = yaml.safe_dump(best_exp.to_dict(), sort_keys=False)
     storage.write_json(storage.join(plan.directory, "best_trial.json"), record)
-    _write_text(storage.join(plan.directory, "best_config.yaml"), config_yaml)
+    storage.write_text(storage.join(plan.directory, "best_config.yaml"), config_yaml)
     run_id = plan.tracking.parent_run_id
     log_artifacts(
         client,
@@ -468,19 +514,6 @@ def _record_best(client: Any, exp: Experiment, plan: Plan, best: Any, scored: in
     )
     best_metrics = {f"best/{metric}": best.metrics[metric], "trials_scored": scored}
     log_metrics(client, run_id, best_metrics, scored, metric_steps(client, run_id, "trials_scored"))
-
-
-def _write_text(path: str, text: str) -> None:
-    if storage.is_remote(path):
-        import pyarrow.fs as pafs
-
-        fs, p = pafs.FileSystem.from_uri(path)
-        with fs.open_output_stream(p) as f:
-            f.write(text.encode())
-    else:
-        from pathlib import Path
-
-        Path(path).write_text(text)
 
 
 def summary_lines(s: SweepSummary, metric: str) -> list[str]:
@@ -504,5 +537,6 @@ def summary_lines(s: SweepSummary, metric: str) -> list[str]:
             f"best checkpoint: {s.best_checkpoint}",
             f"best config: {storage.join(s.directory, 'best_config.yaml')}",
         ]
+    lines.append(f"every trial: {storage.join(s.directory, REPORT)} (clipray report {s.directory})")
     lines.append(f"compare runs in MLflow: {ui}")
     return lines

@@ -473,6 +473,7 @@ def test_sigkilled_sweep_resumes_to_exactly_its_trials(tmp_path, mlflow_server):
     assert len(baseline) == 1 and baseline[0].data.metrics["agg/mce"] == pytest.approx(100.0)
     sweep_dir = tmp_path / "runs" / "resume-test"
     assert (sweep_dir / "best_config.yaml").exists() and (sweep_dir / MANIFEST).exists()
+    assert len((sweep_dir / "results.csv").read_text().splitlines()) == 1 + 3  # every trial
     grid = tune.ExperimentAnalysis(str(sweep_dir))
     assert len(grid.trials) == 3
     assert all(t.status == "TERMINATED" for t in grid.trials)
@@ -687,3 +688,32 @@ def test_the_driver_logs_epochs_once_and_fills_what_a_crash_left_out(tmp_path):
         steps = sorted(m.step for m in client.get_metric_history(run_id, key))
         assert steps == [16, 32, 48], (key, steps)
     assert "agg/mean_corrupted_rsum" not in client.get_run(run_id).data.metrics  # the trial's
+
+
+def test_report_lists_every_trial_best_first(tmp_path, monkeypatch, capsys):
+    import csv
+
+    from clipray.sweep import REPORT, start_plan
+    from clipray.tracking import log_metrics, log_params, trial_run
+
+    monkeypatch.chdir(tmp_path)
+    exp, space = _sweep_inputs(str(_sweep_file(tmp_path, tmp_path / "runs")), [], None)
+    plan = start_plan(exp, space)
+    client = plan.tracking.client()
+    scores = {"t-base": 250.0, "t-strong": 120.0, "t-good": 260.0, "t-stopped": None}
+    for trial_id, score in scores.items():
+        run_id = trial_run(plan.tracking, trial_id, f"{trial_id} label")
+        log_params(client, run_id, {"perturb.epsilon": 0.1, "train.epochs": 2})
+        if score is not None:
+            log_metrics(client, run_id, {"agg/mean_corrupted_rsum": score, "clean/rsum": 300.0}, 9)
+    assert main(["report", str(tmp_path / "runs" / "s")]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| t-")]
+    assert [line.split()[1] for line in lines] == ["t-good", "t-base", "t-strong", "t-stopped"]
+    assert "agg/mean_corrupted_rsum" in out and "| 260 |" in lines[0]
+    with open(tmp_path / "runs" / "s" / REPORT, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["trial_id"] for r in rows] == ["t-good", "t-base", "t-strong", "t-stopped"]
+    assert rows[0]["perturb.epsilon"] == "0.1" and float(rows[0]["clean/rsum"]) == 300.0
+    assert rows[-1]["agg/mean_corrupted_rsum"] == "nan"
+    assert main(["report", str(tmp_path)]) == 2  # not a sweep: one line
