@@ -371,24 +371,35 @@ def mlflow_server(tmp_path):
     proc.wait(timeout=30)
 
 
+TINY_SWEEP = [  # a few seconds per trial: tiny data, one corruption at one severity
+    "data.val_size=16",
+    "data.test_size=16",
+    "train.batch_size=32",
+    "train.warmup_steps=2",
+    "eval.corruptions=[fog]",
+    "eval.severities=[1]",
+]
+
+
+def _tiny_sweep(tmp_path: Path, *overrides: str) -> list[str]:
+    """``clipray sweep`` (the default sweep file) shrunk by TINY_SWEEP, then ``overrides``."""
+    sets = [f"eval.cache_dir={tmp_path / 'cache'}", *TINY_SWEEP, *overrides]
+    return [str(BIN / "clipray"), "sweep", *[a for o in sets for a in ("--set", o)]]
+
+
 def _sweep_command(tmp_path: Path, uri: str, *extra: str) -> list[str]:
-    overrides = [
-        "name=resume-test",
-        f"storage={tmp_path / 'runs'}",
-        f"tracking.uri={uri}",
-        f"eval.cache_dir={tmp_path / 'cache'}",
-        "sweep.num_samples=3",
-        "data.train_size=512",
-        "data.val_size=16",
-        "data.test_size=16",
-        "train.batch_size=32",
-        "train.epochs=3",
-        "train.warmup_steps=2",
-        "eval.corruptions=[fog]",
-        "eval.severities=[1]",
+    return [
+        *_tiny_sweep(
+            tmp_path,
+            "name=resume-test",
+            f"storage={tmp_path / 'runs'}",
+            f"tracking.uri={uri}",
+            "sweep.num_samples=3",
+            "data.train_size=512",
+            "train.epochs=3",
+        ),
+        *extra,
     ]
-    sets = [a for o in overrides for a in ("--set", o)]
-    return [str(BIN / "clipray"), "sweep", str(REPO / "sweeps" / "default.yaml"), *sets, *extra]
 
 
 def _child_runs(client: MlflowClient) -> list:
@@ -523,25 +534,18 @@ def test_sweep_joins_a_two_node_cluster_and_trains_across_it(tmp_path):
     cluster.add_node(num_cpus=2)
     try:
         cluster.wait_for_nodes()
-        overrides = [
+        command = _tiny_sweep(
+            tmp_path,
             "name=cluster-test",
             f"storage={tmp_path / 'runs'}",  # one filesystem: every simulated node reaches it
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            f"eval.cache_dir={tmp_path / 'cache'}",
             "sweep.num_samples=2",
             "data.train_size=128",
-            "data.val_size=16",
-            "data.test_size=16",
-            "train.batch_size=32",
             "train.epochs=1",
-            "train.warmup_steps=2",
             "train.num_workers=2",
-            "eval.corruptions=[fog]",
-            "eval.severities=[1]",
-        ]
-        sets = [a for o in overrides for a in ("--set", o)]
+        )
         done = subprocess.run(
-            [str(BIN / "clipray"), "sweep", *sets],
+            command,
             cwd=tmp_path,
             env={**os.environ, "RAY_ADDRESS": cluster.address},
             capture_output=True,
@@ -587,27 +591,16 @@ def test_ctrl_c_leaves_a_sweep_to_resume_from_anywhere(tmp_path):
     """Tune takes the first Ctrl-C and stops its trials; the sweep then says it is incomplete
     (exit 1, parent run KILLED), and ``clipray resume DIR`` run from another directory
     finishes it (relative storage is found where DIR is)."""
-    overrides = [
+    command = _tiny_sweep(
+        tmp_path,
         "name=int",
         "storage=runs",  # relative to tmp_path, where the sweep starts
-        f"eval.cache_dir={tmp_path / 'cache'}",
         "sweep.num_samples=1",
         "data.train_size=256",
-        "data.val_size=16",
-        "data.test_size=16",
-        "train.batch_size=32",
         "train.epochs=2",
-        "train.warmup_steps=2",
-        "eval.corruptions=[fog]",
-        "eval.severities=[1]",
-    ]
-    sets = [a for o in overrides for a in ("--set", o)]
+    )
     proc = subprocess.Popen(
-        [str(BIN / "clipray"), "sweep", *sets],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     deadline = time.time() + 420
