@@ -1,6 +1,7 @@
 # Everything a fresh machine needs is done by these targets (idempotent; re-run any time).
 #   make sweep   the default sweep on built-in synthetic data (the product's main job)
 #   make test    the whole test suite (what CI runs)
+#   make test-fast  the edit-test loop: everything but the slow Ray end-to-end tests (< 2 min)
 #   make bench   benchmarks; paste the tables into BENCHMARKS.md
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -12,7 +13,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install sweep train test lint bench clean-venv
+.PHONY: install sweep train test test-fast lint bench clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,9 +30,14 @@ train: $(STAMP)
 	$(BIN)/clipray train $(ARGS)
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(ARGS)
 
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
 lint: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/ruff check clipray tests benchmarks
 	$(BIN)/ruff format --check clipray tests benchmarks
 

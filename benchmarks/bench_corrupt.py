@@ -19,8 +19,9 @@ from functools import partial
 
 import numpy as np
 
-from clipray import corrupt as C
-from clipray.corrupt_cache import CorruptionCache, fingerprint_images
+from clipray.config import corruption_names as N
+from clipray.scoring import corruptions as C
+from clipray.scoring.cache import CorruptionCache, fingerprint_images
 
 
 def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -95,7 +96,7 @@ def glass_blur_table(size: int, ours_repeats: int) -> None:
     image = synthetic_images(1, size, seed=1)
     print(f"\n| glass_blur {size}px | ours ms | reference ms | speed-up | identical |")
     print("|---|---|---|---|---|")
-    for severity in C.SEVERITIES:
+    for severity in N.SEVERITIES:
         t_ours, ours = timed(partial(run_ours, image, "glass_blur", severity), ours_repeats)
         t_ref, ref = timed(partial(run_reference, image, "glass_blur", severity))
         same = np.array_equal(ours[0], ref[0])

@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from clipray.config import PerturbConfig, load_experiment
-from clipray.loss import symmetric_ce
-from clipray.model import build_model
-from clipray.objective import ClipObjective
-from clipray.perturb import NORMS, feature_scale
-from clipray.train import build_trainer
+from clipray.config.loading import load_experiment
+from clipray.config.schema import PerturbConfig
+from clipray.core.contrastive import symmetric_ce
+from clipray.core.model import build_model
+from clipray.core.perturb import NORMS, feature_scale
+from clipray.core.trainer import build_trainer
+from clipray.core.training_loss import ClipTrainingLoss
 
 MODEL = "clipray-small-vit"
 
@@ -94,7 +95,7 @@ def pgd_table(batch: int, rounds: int) -> str:
     images = torch.randn(batch, 3, clip.image_size, clip.image_size, generator=g)
     tokens = clip.tokenize(["a large red circle in the center on a gray background"] * batch)
 
-    def step(objective: ClipObjective) -> Callable[[], None]:
+    def step(objective: ClipTrainingLoss) -> Callable[[], None]:
         def run() -> None:
             objective(images, tokens)["loss"].backward()
             model.zero_grad(set_to_none=True)
@@ -105,14 +106,14 @@ def pgd_table(batch: int, rounds: int) -> str:
         model.encode_image(images).square().mean().backward()
         model.zero_grad(set_to_none=True)
 
-    clean = ClipObjective(model, PerturbConfig())
+    clean = ClipTrainingLoss(model, PerturbConfig())
     fns: dict[str, Callable[[], None]] = {"clean": step(clean), "image tower": image_tower_only}
     configs = {}
     for layer in (0, depth // 2, depth - 1):
         for k in (1, 3):
             cfg = PerturbConfig(tower="image", layer=layer, epsilon=0.1, steps=k)
             configs[(layer, k)] = cfg
-            fns[f"split L{layer} K{k}"] = step(ClipObjective(model, cfg))
+            fns[f"split L{layer} K{k}"] = step(ClipTrainingLoss(model, cfg))
             fns[f"naive L{layer} K{k}"] = lambda c=cfg: naive_pgd_step(model, images, tokens, c)
     t = interleaved(fns, rounds)
     share = t["image tower"] / t["clean"]

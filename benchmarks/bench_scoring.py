@@ -23,9 +23,11 @@ from typing import Any
 import ray
 import torch
 
-from clipray.config import Experiment, load_experiment
-from clipray.scoring import ScorerPool, eval_cells
-from clipray.train import NoHooks, build_trainer
+from clipray.config.loading import load_experiment
+from clipray.config.schema import Experiment
+from clipray.core.trainer import NoHooks, build_trainer
+from clipray.scoring.plan import eval_cells
+from clipray.scoring.pool import ScorerPool
 
 
 def experiment(quick: bool, cache: str, actors: int) -> Experiment:

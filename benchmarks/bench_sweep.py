@@ -1,7 +1,8 @@
 """Orchestration overhead of a sweep, and training throughput inside Ray Train, in one run.
 
 1. A bare ``TorchTrainer.fit()`` of a trivial loop (3 reports) inside a Tune trial, with Ray's
-   defaults and with the settings clipray uses (``clipray.sweep.RAY_ENV``), each in a fresh Ray.
+   defaults and with the settings clipray uses (``clipray.sweep.runtime.RAY_ENV``), each in a
+   fresh Ray.
 2. ``clipray sweep`` itself (2 trials: the baseline and one PGD trial, tiny data), from the MLflow
    metrics every trial records: wall time from ``clipray sweep`` to the first training step, and
    per trial, the time not spent in training steps, validation or scoring.
@@ -75,19 +76,20 @@ def train_child(where: str) -> None:
     """Child mode: the sweep's training run without Tune; prints samples/s per epoch."""
     import torch
 
-    from clipray.config import load_experiment, torch_threads
+    from clipray.config.loading import load_experiment
+    from clipray.core.device import torch_threads
 
     exp = load_experiment(REPO / "sweeps" / "default.yaml", [*TRAIN_SETS, "train.epochs=2"])
     if where == "process":
-        from clipray.train import NoHooks, build_trainer
+        from clipray.core.trainer import NoHooks, build_trainer
 
         torch.set_num_threads(torch_threads(exp.train.cpus_per_worker))
         trainer = build_trainer(exp, torch.device("cpu"))
         trainer.fit(NoHooks())
         history = trainer.history
     else:
-        from clipray.distributed import make_trainer, read_checkpoint
-        from clipray.sweep import init_ray
+        from clipray.sweep.ray_train import make_trainer, read_checkpoint
+        from clipray.sweep.runtime import init_ray
 
         init_ray()
         with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +127,7 @@ ROLES = [
         r"clipray sweep"
         r"|ImplicitFunc|_QueueActor",
     ),
-    ("clipray's scorer pool (idle while training)", r"ray::_Coordinator|ray::_Worker"),
+    ("clipray's scorer pool (idle while training)", r"ray::_Coordinator|ray::ScorerWorker"),
     (
         "Ray's system processes: GCS, raylet, dashboard and its modules, agents, log monitor",
         r"gcs_server|raylet|dashboard|DashboardAgent|log_monitor|monitor\.py|runtime_env",
@@ -255,7 +257,7 @@ def main() -> None:
     if args.train_child:
         train_child(args.train_child)
         return
-    from clipray.sweep import RAY_ENV
+    from clipray.sweep.runtime import RAY_ENV
 
     defaults = run_bare({})
     tuned = run_bare(dict(RAY_ENV))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipray.config import Experiment, load_experiment
+from clipray.config.loading import load_experiment
+from clipray.config.schema import Experiment
 
 torch.set_num_threads(1)  # tiny models: one thread is faster, and steadier on a shared machine
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 import yaml
 
-import clipray.local
-from clipray.cli import build_parser, main
-from clipray.config import load_experiment
-from clipray.model import build_model
-from clipray.space import load_space
-from clipray.train import load_checkpoint
+import clipray.cli.train
+from clipray.cli.main import build_parser, main
+from clipray.config.loading import load_experiment
+from clipray.config.space import load_space
+from clipray.core.checkpoint import load_checkpoint
+from clipray.core.model import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -463,7 +463,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
     if the last save had been lost, so resuming must also drop the metrics line of step 6."""
     run = tmp_path / "run"
     saved = tmp_path / "step4.pt"
-    real_on_step = clipray.local._FileHooks.on_step
+    real_on_step = clipray.cli.train._FileHooks.on_step
 
     def on_step(self, step, metrics):
         real_on_step(self, step, metrics)
@@ -472,12 +472,12 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
         if step == 7:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(clipray.local._FileHooks, "on_step", on_step)
+    monkeypatch.setattr(clipray.cli.train._FileHooks, "on_step", on_step)
     assert main(_train_args(run, "--quiet")) == 130
     assert "interrupted" in capsys.readouterr().err
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 6
     assert [line["step"] for line in _metric_lines(run / "metrics.jsonl")] == [2, 4, 6]
-    monkeypatch.setattr(clipray.local._FileHooks, "on_step", real_on_step)
+    monkeypatch.setattr(clipray.cli.train._FileHooks, "on_step", real_on_step)
 
     shutil.copy(saved, run / "checkpoint.pt")
     assert main(_train_args(run, "--resume")) == 0

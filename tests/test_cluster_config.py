@@ -8,8 +8,8 @@ from pathlib import Path
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from clipray import storage
-from clipray.config import load_experiment
+from clipray.config.loading import load_experiment
+from clipray.core import storage
 
 REPO = Path(__file__).resolve().parent.parent
 

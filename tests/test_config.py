@@ -11,17 +11,9 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from clipray.config import (
-    ConfigError,
-    CsvData,
-    Experiment,
-    PerturbConfig,
-    SyntheticData,
-    check_layer,
-    experiment_from_dict,
-    load_experiment,
-    parse_override,
-)
+from clipray.config.errors import ConfigError
+from clipray.config.loading import experiment_from_dict, load_experiment, parse_override
+from clipray.config.schema import CsvData, Experiment, PerturbConfig, SyntheticData, check_layer
 from tests.conftest import small_experiment
 
 SECTIONS = ("data", "model", "perturb", "train", "eval", "tracking", "sweep")

@@ -25,7 +25,8 @@ import pytest
 import skimage
 from PIL import Image
 
-from clipray import corrupt as C
+from clipray.config import corruption_names as N
+from clipray.scoring import corruptions as C
 
 NAMES = list(C.REGISTRY)
 SEEDED = [n for n in NAMES if C.REGISTRY[n].seeded]
@@ -125,16 +126,16 @@ def test_runs_the_package_code_without_patching_anything():
 
 
 def test_resolve_corruptions_expands_and_dedupes():
-    assert C.resolve_corruptions(["all"]) == NAMES
-    assert C.resolve_corruptions(["fog", "extra", "fog", "saturate"]) == ["fog", *C.EXTRA]
-    assert C.resolve_corruptions(["common", "all"]) == NAMES
-    assert C.resolve_corruptions([]) == []
+    assert N.resolve_corruptions(["all"]) == NAMES
+    assert N.resolve_corruptions(["fog", "extra", "fog", "saturate"]) == ["fog", *N.EXTRA]
+    assert N.resolve_corruptions(["common", "all"]) == NAMES
+    assert N.resolve_corruptions([]) == []
 
 
 @pytest.mark.parametrize("spec", [["fogg"], ["common", "blur"], "fog"])
 def test_resolve_corruptions_rejects_unknown(spec):
     with pytest.raises(ValueError) as err:
-        C.resolve_corruptions(spec)
+        N.resolve_corruptions(spec)
     if not isinstance(spec, str):
         assert "gaussian_noise" in str(err.value) and "common" in str(err.value)
 
@@ -184,21 +185,21 @@ def test_unknown_name_lists_known():
 def test_equals_reference_64(name):
     for index, make in enumerate(IMAGES.values()):
         image = make(64)
-        for severity in C.SEVERITIES:
+        for severity in N.SEVERITIES:
             assert_matches_reference(image, name, severity, C.derive_seed(3, index, name, severity))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_equals_reference_32_and_224(name):
     for size in (32, 224):
-        for severity in C.SEVERITIES:
+        for severity in N.SEVERITIES:
             assert_matches_reference(shapes_image(size), name, severity, 1000 + severity)
 
 
 def test_impulse_noise_is_skimage_salt_and_pepper_with_stream_seed():
     """Independent construction: skimage s&p with rng = first int64 of RandomState(seed)."""
     image = shapes_image(64)
-    for severity, amount in zip(C.SEVERITIES, (0.03, 0.06, 0.09, 0.17, 0.27), strict=True):
+    for severity, amount in zip(N.SEVERITIES, (0.03, 0.06, 0.09, 0.17, 0.27), strict=True):
         rng_seed = int(np.random.RandomState(77).randint(0, 2**63 - 1, dtype=np.int64))
         noisy = skimage.util.random_noise(image / 255.0, mode="s&p", amount=amount, rng=rng_seed)
         expected = np.uint8(np.clip(noisy, 0, 1) * 255)
@@ -283,7 +284,7 @@ def test_threads_agree_with_serial():
 
 _CHILD = """
 import hashlib, sys, numpy as np
-from clipray import corrupt as C
+from clipray.scoring import corruptions as C
 np.random.seed(12345)
 image = np.random.default_rng(8).integers(0, 256, (32, 32, 3), dtype=np.uint8)
 for name in C.REGISTRY:

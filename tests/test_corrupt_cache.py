@@ -13,8 +13,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from clipray import corrupt as C
-from clipray.corrupt_cache import CorruptionCache, EntryKey, fingerprint_images
+from clipray.scoring import corruptions as C
+from clipray.scoring.cache import CorruptionCache, EntryKey, fingerprint_images
 
 SPEC = {"split": "val", "corruption": "gaussian_noise", "severity": 2, "seed": 7}
 
@@ -215,7 +215,7 @@ _CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import numpy as np
-    from clipray.corrupt_cache import CorruptionCache
+    from clipray.scoring.cache import CorruptionCache
     root, images_file, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     images = np.load(images_file)
     spec = dict(split="val", corruption="glass_blur", severity=5, seed=3)

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from clipray.config import ConfigError, CsvData, KarpathyData, SyntheticData, load_experiment
-from clipray.data import (
+from clipray.config.errors import ConfigError
+from clipray.config.loading import load_experiment
+from clipray.config.schema import CsvData, KarpathyData, SyntheticData
+from clipray.core.data import (
     BACKGROUNDS,
     COLOURS,
     POSITIONS,
@@ -434,7 +436,7 @@ def test_missing_tables_are_caught_when_the_config_loads(tmp_path):
 
 def test_synthetic_data_exported_to_disk_reads_back_identically(tmp_path, capsys):
     """`clipray data` writes the synthetic dataset as PNG + CSV; `kind: csv` reads the same data."""
-    from clipray.cli import main
+    from clipray.cli.main import main
 
     sizes = ["--set", "data.train_size=6", "--set", "data.val_size=3", "--set", "data.test_size=3"]
     assert main(["data", "--out", str(tmp_path), *sizes]) == 0

@@ -22,10 +22,10 @@ from ray.cluster_utils import Cluster
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from clipray.config import experiment_from_dict
-from clipray.distributed import make_trainer, read_checkpoint
-from clipray.loss import Ranks
-from clipray.train import build_trainer
+from clipray.config.loading import experiment_from_dict
+from clipray.core.contrastive import Ranks
+from clipray.core.trainer import build_trainer
+from clipray.sweep.ray_train import make_trainer, read_checkpoint
 from tests.conftest import small_experiment
 
 pytestmark = pytest.mark.ray

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipray.metrics import (
+from clipray.core.metrics import (
     DEFAULT_KS,
     agg_key,
     cell_key,

@@ -9,18 +9,11 @@ import open_clip
 import pytest
 import torch
 
-from clipray.config import ModelConfig
-from clipray.model import (
-    BUNDLED_MODELS,
-    CHECKPOINT_FORMAT,
-    ClipModel,
-    build_model,
-    image_size,
-    load_weights,
-    to_uint8_nhwc,
-    tower_depths,
-)
-from clipray.train import build_trainer, save_checkpoint
+from clipray.config.architectures import BUNDLED_MODELS, image_size, tower_depths
+from clipray.config.schema import ModelConfig
+from clipray.core.checkpoint import FORMAT, read_weights, save_checkpoint
+from clipray.core.model import ClipModel, build_model, to_uint8_nhwc
+from clipray.core.trainer import build_trainer
 from tests.conftest import small_experiment
 
 
@@ -187,7 +180,7 @@ def trained_checkpoint(tmp_path_factory) -> tuple:
 
 def test_a_clipray_training_checkpoint_loads(trained_checkpoint):
     path, expected = trained_checkpoint
-    assert torch.load(path, weights_only=True)["format"] == CHECKPOINT_FORMAT
+    assert torch.load(path, weights_only=True)["format"] == FORMAT
     torch.manual_seed(99)  # a different init: only the file can make the weights equal
     clip = build_model(ModelConfig(pretrained=str(path)))
     assert _same(_state(clip.model), expected)
@@ -216,7 +209,7 @@ def test_a_checkpoint_for_another_architecture_fails_clearly(models, tmp_path, o
     with pytest.raises(ValueError) as err:
         build_model(ModelConfig(pretrained=str(path)))
     message = str(err.value)
-    assert message.startswith(f"checkpoint {path}: does not fit this architecture")
+    assert message.startswith(f"checkpoint {path}: does not fit clipray-tiny-vit")
     assert "\n" not in message
 
 
@@ -233,19 +226,17 @@ def test_a_damaged_checkpoint_fails_clearly(trained_checkpoint, tmp_path, damage
     else:
         torch.save(torch.zeros(3), path)
         expected = "no state dict inside"
-    model = build_model(ModelConfig()).model
     with pytest.raises(ValueError) as err:
-        load_weights(model, path)
+        read_weights(path)
     assert str(err.value).startswith(f"checkpoint {path}: {expected}")
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=expected):
         build_model(ModelConfig(pretrained=str(path)))
 
 
-def test_load_weights_names_a_missing_file(tmp_path):
-    model = build_model(ModelConfig()).model
+def test_read_weights_names_a_missing_file(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint .*missing\.pt: file not found"):
-        load_weights(model, tmp_path / "missing.pt")
+        read_weights(tmp_path / "missing.pt")
 
 
 def test_a_pretrained_file_that_does_not_exist_fails_clearly(tmp_path):

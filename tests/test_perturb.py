@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipray.config import PerturbConfig
-from clipray.loss import symmetric_ce
-from clipray.model import BUNDLED_MODELS  # noqa: F401  (registers the bundled configs)
-from clipray.perturb import NORMS, feature_scale, get_norm, pgd, split_at
-from clipray.towers import split_tower
+from clipray.config.architectures import BUNDLED_MODELS  # noqa: F401  (registers the bundled configs)
+from clipray.config.schema import PerturbConfig
+from clipray.core.contrastive import symmetric_ce
+from clipray.core.perturb import NORMS, feature_scale, get_norm, pgd, split_at
+from clipray.core.towers import split_tower
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,21 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
 import ray
 import torch
 
-from clipray import corrupt as C
-from clipray import scoring as S
-from clipray.cli import main
-from clipray.config import ModelConfig
-from clipray.corrupt import corrupt_batch
-from clipray.data import load_split
-from clipray.encode import embed_images, embed_texts
-from clipray.metrics import (
+from clipray.cli.main import main
+from clipray.config.schema import ModelConfig
+from clipray.core.checkpoint import load_state, read_weights, save_checkpoint
+from clipray.core.data import load_split
+from clipray.core.encode import embed_images, embed_texts
+from clipray.core.metrics import (
     cell_key,
     clean_key,
     corruption_summary,
@@ -33,8 +33,12 @@ from clipray.metrics import (
     flatten_summary,
     retrieval_recall,
 )
-from clipray.model import build_model, load_weights
-from clipray.train import NoHooks, build_trainer, save_checkpoint
+from clipray.core.model import build_model
+from clipray.core.trainer import NoHooks, build_trainer
+from clipray.scoring import corruptions as C
+from clipray.scoring import plan as P
+from clipray.scoring.corruptions import corrupt_batch
+from clipray.scoring.pool import ScorerPool
 from tests.conftest import small_experiment
 
 CPU = torch.device("cpu")
@@ -65,14 +69,14 @@ def files_under(root: Path) -> list[Path]:
 # ------------------------------------------------------------------------------ pure planning
 @pytest.mark.parametrize("name", list(C.REGISTRY))
 def test_every_corruption_has_a_build_cost(name):
-    assert S.BUILD_COST[name] > 0
-    assert set(S.BUILD_COST) == set(C.REGISTRY)
+    assert P.BUILD_COST[name] > 0
+    assert set(P.BUILD_COST) == set(C.REGISTRY)
 
 
 def test_eval_cells_clean_first_then_config_order():
     exp = small_experiment("eval.corruptions=[fog, extra]", "eval.severities=[5, 1]")
-    cells = S.eval_cells(exp.eval)
-    assert cells[0] == S.CLEAN
+    cells = P.eval_cells(exp.eval)
+    assert cells[0] == P.CLEAN
     assert cells[1:] == [(c, s) for c in ("fog", *C.GROUPS["extra"]) for s in (1, 5)]
     with pytest.raises(ValueError, match="eval.corruptions: expected at least one"):
         small_experiment("eval.corruptions=[]")
@@ -96,7 +100,7 @@ def test_assignment_is_a_balanced_partition_near_the_optimum(seed):
     n_cells, n = rng.randint(1, 8), rng.randint(1, 3)
     cells = [(f"c{i}", rng.randint(1, 5)) for i in range(n_cells)]
     costs = {cell: float(rng.randint(0, 9)) for cell in cells}
-    shards = S.assign_cells(cells, n, costs.__getitem__)
+    shards = P.assign_cells(cells, n, costs.__getitem__)
     assert len(shards) == n
     assert sorted(c for s in shards for c in s) == sorted(cells)  # every cell exactly once
     cap = math.ceil(n_cells / n)
@@ -107,39 +111,39 @@ def test_assignment_is_a_balanced_partition_near_the_optimum(seed):
 
 
 def test_assignment_is_deterministic_and_independent_of_input_order():
-    cells = S.eval_cells(small_experiment("eval.corruptions=[all]").eval)
-    shards = S.assign_cells(cells, 3)
+    cells = P.eval_cells(small_experiment("eval.corruptions=[all]").eval)
+    shards = P.assign_cells(cells, 3)
     shuffled = cells[:]
     random.Random(0).shuffle(shuffled)
-    again = S.assign_cells(shuffled, 3)
+    again = P.assign_cells(shuffled, 3)
     assert [sorted(s) for s in again] == [sorted(s) for s in shards]
-    assert S.assign_cells(cells, 3) == shards
+    assert P.assign_cells(cells, 3) == shards
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_default_sweep_cells_split_evenly_in_count_and_build_cost(n):
-    cells = S.eval_cells(small_experiment("eval.severities=[1, 3, 5]").eval)
-    shards = S.assign_cells(cells, n)
+    cells = P.eval_cells(small_experiment("eval.severities=[1, 3, 5]").eval)
+    shards = P.assign_cells(cells, n)
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
-    loads = [sum(map(S.cell_cost, s)) for s in shards]
-    lower_bound = max(sum(loads) / n, max(map(S.cell_cost, cells)))
+    loads = [sum(map(P.cell_cost, s)) for s in shards]
+    lower_bound = max(sum(loads) / n, max(map(P.cell_cost, cells)))
     assert max(loads) <= 1.1 * lower_bound
     cap = math.ceil(len(cells) / n)
     naive = [cells[k * cap : (k + 1) * cap] for k in range(n)]  # contiguous blocks
-    assert max(loads) < 0.8 * max(sum(map(S.cell_cost, s)) for s in naive)
+    assert max(loads) < 0.8 * max(sum(map(P.cell_cost, s)) for s in naive)
 
 
 @pytest.mark.parametrize(
     "cells, n, match",
     [
-        ([S.CLEAN], 0, "n_actors"),
-        ([S.CLEAN], True, "n_actors"),
-        ([S.CLEAN, S.CLEAN], 2, "distinct"),
+        ([P.CLEAN], 0, "n_actors"),
+        ([P.CLEAN], True, "n_actors"),
+        ([P.CLEAN, P.CLEAN], 2, "distinct"),
     ],
 )
 def test_assignment_rejects_bad_input(cells, n, match):
     with pytest.raises(ValueError, match=match):
-        S.assign_cells(cells, n)
+        P.assign_cells(cells, n)
 
 
 def fake_flat(clean: float, cells: dict) -> dict:
@@ -151,7 +155,7 @@ def fake_flat(clean: float, cells: dict) -> dict:
 def test_with_reference_adds_ce_by_the_imagenet_c_formulas():
     model = fake_flat(500.0, {("fog", 1): 450.0, ("fog", 3): 300.0, ("snow", 1): 420.0})
     ref = fake_flat(480.0, {("fog", 1): 400.0, ("fog", 3): 240.0, ("snow", 1): 420.0})
-    out = S.with_reference(model, ref)
+    out = P.with_reference(model, ref)
 
     def err(r):
         return 1 - r / 600
@@ -165,11 +169,11 @@ def test_with_reference_adds_ce_by_the_imagenet_c_formulas():
     assert out["agg/relative_mce"] == pytest.approx((rel_fog + rel_snow) / 2)
     assert out["agg/mean_corrupted_rsum"] == pytest.approx((450 + 300 + 420) / 3)
     assert {k: v for k, v in out.items() if not k.startswith("agg/")} == model
-    assert S.with_reference(ref, ref)["agg/mce"] == pytest.approx(100.0)
+    assert P.with_reference(ref, ref)["agg/mce"] == pytest.approx(100.0)
     with pytest.raises(ValueError, match="reference cells"):
-        S.with_reference(model, fake_flat(480.0, {("fog", 1): 400.0}))
+        P.with_reference(model, fake_flat(480.0, {("fog", 1): 400.0}))
     with pytest.raises(ValueError, match="clean/rsum"):
-        S.with_reference({}, ref)
+        P.with_reference({}, ref)
 
 
 def tiny_blob(name: str, config_name: str | None = None) -> dict:
@@ -190,7 +194,7 @@ def tiny_blob(name: str, config_name: str | None = None) -> dict:
 )
 def test_foreign_weights_are_rejected_in_one_line(blob, match):
     with pytest.raises(ValueError, match=match) as info:
-        S.build_weights_model(blob() if callable(blob) else blob, "clipray-tiny-vit")
+        P.build_weights_model(blob() if callable(blob) else blob, "clipray-tiny-vit")
     assert "\n" not in str(info.value)
 
 
@@ -224,7 +228,7 @@ def ray_runtime():
 @pytest.fixture(scope="module")
 def first_run(ray_runtime, checkpoints):
     """One actor, cold cache: ready() builds every cell; then it scores the trained model."""
-    pool = S.ScorerPool.create(checkpoints["exp"])
+    pool = ScorerPool.create(checkpoints["exp"])
     info = pool.ready()
     flat = pool.score(checkpoints["blobs"]["trained"])
     pool.shutdown()
@@ -236,7 +240,7 @@ def pool_two(ray_runtime, checkpoints, first_run):
     """Two actors over the cache the first pool built, as a named pool."""
     cache = Path(checkpoints["exp"].eval.cache_dir)
     exp = small_experiment(*eval_overrides(cache), "eval.scorers.num_actors=2")
-    pool = S.ScorerPool.create(exp, name=POOL)
+    pool = ScorerPool.create(exp, name=POOL)
     yield pool, pool.ready()
     pool.shutdown()
 
@@ -246,17 +250,18 @@ def direct_result(checkpoints: dict) -> dict:
     exp = checkpoints["exp"]
     split = load_split(exp.data, "test").subset(16)
     clip = build_model(exp.model)
-    load_weights(clip.model, checkpoints["files"]["trained"])
+    load_state(clip.model, read_weights(checkpoints["files"]["trained"]), "test", "tiny")
     clip.model.eval()
     texts, owner = split.flat_captions()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in an actor with half a CPU: same float reductions
     try:
-        text_emb = embed_texts(clip, clip.tokenize(texts), 6, CPU)
+        text_emb = embed_texts(clip, clip.tokenize(texts), 6, CPU, exp.train.precision)
         images = split.load_all(64)
 
         def recall(batch):
-            return retrieval_recall(embed_images(clip, batch, 6, CPU), text_emb, owner)
+            emb = embed_images(clip, batch, 6, CPU, exp.train.precision)
+            return retrieval_recall(emb, text_emb, owner)
 
         clean = recall(images)
         cells = {
@@ -311,7 +316,7 @@ def test_named_pool_serves_concurrent_callers_in_other_processes(pool_two, check
 
     @ray.remote(num_cpus=0)
     def trial(name, weights_box):
-        return S.ScorerPool.lookup(name).score(weights_box[0])
+        return ScorerPool.lookup(name).score(weights_box[0])
 
     ref = ray.put(checkpoints["blobs"]["initial"])
     remote = [trial.remote(POOL, [ref]) for _ in range(2)]
@@ -320,19 +325,23 @@ def test_named_pool_serves_concurrent_callers_in_other_processes(pool_two, check
 
 
 @pytest.mark.ray
-def test_killed_actor_is_replaced_and_the_result_is_identical(pool_two, checkpoints):
+def test_a_crashed_worker_is_restarted_by_ray_and_the_result_is_identical(pool_two, checkpoints):
+    """A worker process that dies (SIGKILL: a crash, an OOM kill) is restarted by Ray, and the
+    calls it had in flight are retried on the new process; its cells come from the cache."""
     pool, _ = pool_two
     weights = checkpoints["blobs"]["trained"]
     expected = pool.score(weights)
-    before = pool.stats()
+    workers = pool.workers()
+    pids = ray.get([w.pid.remote() for w in workers])
     pending = pool.score_async(weights)
-    ray.kill(pool.workers()[0])  # while the request is in flight
+    os.kill(pids[0], signal.SIGKILL)  # while the request is in flight
     assert ray.get(pending) == expected
-    ray.kill(pool.workers()[1])  # between requests
+    os.kill(pids[1], signal.SIGKILL)  # between requests
     assert pool.score(weights) == expected
     after = pool.stats()
-    assert after["replaced"] - before["replaced"] == 2 and after["actors"] == 2
-    assert after["builds"] == 0  # the replacements loaded their cells from the cache
+    assert after["restarted"] == 2 and after["actors"] == 2
+    assert set(ray.get([w.pid.remote() for w in workers])).isdisjoint(pids)  # new processes
+    assert after["builds"] == 0  # the restarted workers loaded their cells from the cache
 
 
 @pytest.mark.ray

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from clipray.config import ConfigError, Experiment, load_experiment
-from clipray.space import (
+from clipray.config.errors import ConfigError
+from clipray.config.loading import load_experiment
+from clipray.config.schema import Experiment
+from clipray.config.space import (
     DIST_TYPES,
     Choice,
     Grid,

@@ -19,9 +19,12 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.sample import Categorical, Float, Integer
 
-from clipray.cli import _sweep_inputs, main
-from clipray.config import ConfigError
-from clipray.searcher import (
+from clipray.cli.main import main
+from clipray.cli.sweep import sweep_inputs
+from clipray.config.errors import ConfigError
+from clipray.config.space import parse_space
+from clipray.sweep.manifest import MANIFEST
+from clipray.sweep.search import (
     BASELINE_KEY,
     BaselineFirst,
     baseline_point,
@@ -30,10 +33,8 @@ from clipray.searcher import (
     objectives,
     tune_space,
 )
-from clipray.space import parse_space
-from clipray.sweep import MANIFEST
-from clipray.tracking import PARENT_TAG, SWEEP_TAG, TRIAL_TAG
-from clipray.trial import trial_experiment
+from clipray.sweep.tracking import PARENT_TAG, SWEEP_TAG, TRIAL_TAG
+from clipray.sweep.trial import trial_experiment
 from tests.conftest import small_experiment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +57,7 @@ def test_quiet_logs_names_ray_trains_own_loggers():
     from ray.train.v2._internal.execution import context
     from ray.train.v2._internal.execution.controller import placement_group_cleaner
 
-    from clipray._ray_setup import NOISY
+    from clipray.sweep.ray_logging import NOISY
 
     assert set(NOISY) == {context.logger.name, placement_group_cleaner.logger.name}
 
@@ -221,7 +222,7 @@ def test_an_unusable_tracking_uri_is_one_line(tmp_path, capsys):
 
 
 def test_resources_for_the_pool_and_one_trial():
-    from clipray.sweep import check_resources
+    from clipray.sweep.runtime import check_resources
 
     exp = small_experiment("eval.scorers.num_actors=2", "eval.scorers.cpus_per_actor=0.5")
     with pytest.raises(
@@ -240,7 +241,7 @@ def test_resources_for_the_pool_and_one_trial():
 
 
 def test_scoring_metric_names_are_those_a_result_holds():
-    from clipray.scoring_plan import result_keys
+    from clipray.scoring.plan import result_keys
 
     exp = small_experiment("eval.corruptions=[fog,snow]", "eval.severities=[1,5]")
     keys = set(result_keys(exp.eval, reference=True))
@@ -271,11 +272,11 @@ def test_a_sweep_that_cannot_fit_on_this_machine_writes_nothing(tmp_path):
 
 
 def test_resume_finds_a_relative_storage_from_anywhere(tmp_path, monkeypatch):
-    from clipray.sweep import check_destination, load_plan, start_plan
+    from clipray.sweep.manifest import check_destination, load_plan, start_plan
 
     monkeypatch.chdir(tmp_path)
     file = _sweep_file(tmp_path, Path("runs"))  # storage: runs, relative to where it started
-    exp, space = _sweep_inputs(str(file), [], None)
+    exp, space = sweep_inputs(str(file), [], None)
     assert check_destination(exp, space, resume=False) is None
     plan = start_plan(exp, space)
     elsewhere = tmp_path / "elsewhere"
@@ -290,7 +291,7 @@ def test_resume_finds_a_relative_storage_from_anywhere(tmp_path, monkeypatch):
 
 
 def test_local_tracking_stores_are_absolute(tmp_path, monkeypatch):
-    from clipray.tracking import resolve_uri
+    from clipray.sweep.tracking import resolve_uri
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -496,7 +497,7 @@ def test_asha_stops_cooperatively_and_never_the_baseline_or_a_finished_trial(tmp
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
-    from clipray.searcher import stop_marker_path
+    from clipray.sweep.search import stop_marker_path
 
     exp = small_experiment("sweep.asha.enabled=true", "train.epochs=4", "sweep.asha.grace_period=1")
     scheduler = make_scheduler(exp, str(tmp_path))
@@ -573,15 +574,15 @@ def test_sweep_joins_a_two_node_cluster_and_trains_across_it(tmp_path):
 
 
 def test_an_incomplete_sweep_says_how_to_continue_it():
-    from clipray.sweep import SweepSummary, summary_lines
+    from clipray.sweep.report import SweepSummary, closing_lines
 
     done = SweepSummary("s-1", "/r/s", 3, "t2", 250.0, "/r/s/train/t2/c", "sqlite:////r/m.db", 3)
-    assert done.complete and summary_lines(done, "m")[0] == "sweep s-1 finished: 3 trials in /r/s"
+    assert done.complete and closing_lines(done, "m")[0] == "sweep s-1 finished: 3 trials in /r/s"
     cut = SweepSummary("s-1", "/r/s", 1, None, None, None, "http://h:5000", 3)
     failed = SweepSummary("s-1", "/r/s", 3, "t2", 250.0, "/r/s/c", "http://h:5000", 4, failed=1)
     for s, words in ((cut, ["1 of 3"]), (failed, ["3 of 4", "1 failed"])):
         assert not s.complete
-        first = summary_lines(s, "m")[0]
+        first = closing_lines(s, "m")[0]
         assert "incomplete" in first and "clipray resume /r/s" in first
         assert all(w in first for w in words)
 
@@ -635,7 +636,7 @@ def test_ctrl_c_leaves_a_sweep_to_resume_from_anywhere(tmp_path):
 
 
 def test_storage_paths_and_uris():
-    from clipray import storage
+    from clipray.core import storage
 
     assert storage.join("s3://b/p?region=us-east-1", "s", "m.json") == (
         "s3://b/p/s/m.json?region=us-east-1"  # the query stays the URI's
@@ -653,15 +654,14 @@ def test_the_driver_logs_epochs_once_and_fills_what_a_crash_left_out(tmp_path):
 
     from ray.tune.experiment import Trial
 
-    from clipray.distributed import HISTORY_FILE
-    from clipray.sweep import _EpochsToMlflow
-    from clipray.tracking import Tracking, get_or_create_experiment, sweep_run, trial_run
+    from clipray.sweep.callbacks import EpochsToMlflow
+    from clipray.sweep.ray_train import HISTORY_FILE
+    from clipray.sweep.tracking import open_sweep
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    exp_id = get_or_create_experiment(uri, "clipray", None)
-    tracking = Tracking(uri, exp_id, sweep_run(uri, exp_id, "s-1", "s"))
+    tracking = open_sweep(small_experiment(f"tracking.uri={uri}", "name=s"), "s-1")
     trial = Trial("run_trial", config={}, stub=True)
-    run_id = trial_run(tracking, trial.trial_id, "t")
+    run_id = tracking.runs().trial(trial.trial_id, "t")
     history = [
         {"step": 16 * e, "epoch": float(e), "train/loss": 3.0 - e, "val/rsum": 100.0 * e}
         for e in (1, 2, 3)
@@ -669,7 +669,7 @@ def test_the_driver_logs_epochs_once_and_fills_what_a_crash_left_out(tmp_path):
     checkpoint = tmp_path / "checkpoint_000002"
     checkpoint.mkdir()
     (checkpoint / HISTORY_FILE).write_text(json.dumps(history))
-    callback = _EpochsToMlflow(tracking, "agg/mean_corrupted_rsum")
+    callback = EpochsToMlflow(tracking, "agg/mean_corrupted_rsum")
     callback.on_trial_result(0, [], trial, history[0])
     callback.on_trial_result(0, [], trial, history[0])  # replayed after a restart
     # (epoch 2's report never reached the driver: it was down)
@@ -686,19 +686,19 @@ def test_the_driver_logs_epochs_once_and_fills_what_a_crash_left_out(tmp_path):
 def test_report_lists_every_trial_best_first(tmp_path, monkeypatch, capsys):
     import csv
 
-    from clipray.sweep import REPORT, start_plan
-    from clipray.tracking import log_metrics, log_params, trial_run
+    from clipray.sweep.manifest import start_plan
+    from clipray.sweep.report import REPORT
 
     monkeypatch.chdir(tmp_path)
-    exp, space = _sweep_inputs(str(_sweep_file(tmp_path, tmp_path / "runs")), [], None)
+    exp, space = sweep_inputs(str(_sweep_file(tmp_path, tmp_path / "runs")), [], None)
     plan = start_plan(exp, space)
-    client = plan.tracking.client()
+    runs = plan.tracking.runs()
     scores = {"t-base": 250.0, "t-strong": 120.0, "t-good": 260.0, "t-stopped": None}
     for trial_id, score in scores.items():
-        run_id = trial_run(plan.tracking, trial_id, f"{trial_id} label")
-        log_params(client, run_id, {"perturb.epsilon": 0.1, "train.epochs": 2})
+        run_id = runs.trial(trial_id, f"{trial_id} label")
+        runs.log_params(run_id, {"perturb.epsilon": 0.1, "train.epochs": 2})
         if score is not None:
-            log_metrics(client, run_id, {"agg/mean_corrupted_rsum": score, "clean/rsum": 300.0}, 9)
+            runs.log_metrics(run_id, {"agg/mean_corrupted_rsum": score, "clean/rsum": 300.0}, 9)
     assert main(["report", str(tmp_path / "runs" / "s")]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("| t-")]

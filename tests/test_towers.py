@@ -6,8 +6,8 @@ import open_clip
 import pytest
 import torch
 
-from clipray.model import BUNDLED_MODELS  # noqa: F401  (registers the bundled configs)
-from clipray.towers import split_tower
+from clipray.config.architectures import BUNDLED_MODELS  # noqa: F401  (registers the bundled configs)
+from clipray.core.towers import split_tower
 
 
 def _model(name: str, **kw) -> torch.nn.Module:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss
 
-from clipray.objective import ClipObjective
-from clipray.train import build_trainer, lr_factor
+from clipray.core.trainer import build_trainer, lr_factor
+from clipray.core.training_loss import ClipTrainingLoss
 from tests.conftest import small_experiment
 
 CPU = torch.device("cpu")
@@ -107,7 +107,7 @@ def test_adversarial_loss_reaches_every_parameter(overrides):
     )
     trainer = build_trainer(exp, CPU)
     images, tokens = trainer.batch(trainer.plan(0), 0)
-    out = trainer.objective(trainer.clip.normalize(images), tokens)
+    out = trainer.loss(trainer.clip.normalize(images), tokens)
     assert float(out["adv_loss"]) > float(out["clean_loss"])
     out["loss"].backward()  # adv_weight=1: only the adversarial pass carries gradient
     no_grad = [
@@ -172,5 +172,5 @@ def test_learning_rate_schedule():
 
 def test_objective_module_is_what_ddp_would_wrap(small_exp):
     trainer = build_trainer(small_exp, CPU)
-    assert isinstance(trainer.wrapped, ClipObjective)
+    assert isinstance(trainer.wrapped, ClipTrainingLoss)
     assert trainer.wrapped.model is trainer.clip.model

@@ -1,0 +1,41 @@
+"""``clipray check``: validate experiment and search-space files and print them resolved."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clipray.config.loading import load_experiment, read_yaml
+from clipray.config.space import load_space
+
+
+def _looks_like_space(path: Path, raw: dict[str, Any]) -> bool:
+    """Search-space files live in search_spaces/ or have dotted top-level keys (config paths)."""
+    return "search_spaces" in path.resolve().parts or (
+        bool(raw) and all("." in str(k) for k in raw)
+    )
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate experiment and search-space files; print each resolved config."""
+    for name in args.files:
+        path = Path(name)
+        raw = read_yaml(path)
+        if _looks_like_space(path, raw):
+            space = load_space(path)
+            print(f"# {path}: search space OK ({len(space.params)} parameters)")
+            print(
+                yaml.safe_dump(
+                    {k: v.model_dump(mode="json") for k, v in space.params.items()}, sort_keys=False
+                )
+            )
+            continue
+        exp = load_experiment(path, args.set)
+        if exp.sweep.space is not None:
+            load_space(exp.sweep.space, exp)
+        print(f"# {path}: experiment OK")
+        print(yaml.safe_dump(exp.to_dict(), sort_keys=False))
+    return 0

@@ -1,0 +1,296 @@
+"""Captioned image datasets: synthetic shapes (built in), CSV/TSV tables, Karpathy JSON splits.
+
+Every dataset kind yields :class:`CaptionedImages` per split: images (in memory, or files read on
+demand) and one or more captions per image. Images reach the model as uint8 HxWx3 at the model's
+input resolution (shorter side resized, centre-cropped), which is also where corruptions apply.
+
+The synthetic dataset draws 1..``max_shapes`` shapes of varied kind, colour, size and grid position
+on varied backgrounds; its captions name all of them, so retrieval is a real task (few captions are
+shared between images). Image ``i`` of a split depends only on ``(data_seed, split, i)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from clipray.config.schema import CsvData, KarpathyData, SyntheticData
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class CaptionedImages:
+    """One split. ``images`` is a uint8 NxHxWx3 array or a list of image files."""
+
+    images: np.ndarray | list[Path]
+    captions: list[list[str]]
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.captions):
+            raise ValueError(
+                f"{self.name}: {len(self.images)} images but {len(self.captions)} caption lists"
+            )
+        if any(not c for c in self.captions):
+            raise ValueError(f"{self.name}: every image needs at least one caption")
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def image(self, i: int, size: int) -> np.ndarray:
+        """Image ``i`` as uint8 ``size x size x 3``."""
+        if isinstance(self.images, np.ndarray):
+            img = self.images[i]
+            return (
+                img if img.shape[:2] == (size, size) else _resize_crop(Image.fromarray(img), size)
+            )
+        return _resize_crop(_open(self.images[i]), size)
+
+    def load_all(self, size: int) -> np.ndarray:
+        """All images as one uint8 ``N x size x size x 3`` array (eval sets, small datasets)."""
+        if isinstance(self.images, np.ndarray) and self.images.shape[1:3] == (size, size):
+            return self.images
+        return np.stack([self.image(i, size) for i in range(len(self))])
+
+    def subset(self, n: int | None) -> CaptionedImages:
+        if n is None or n >= len(self):
+            return self
+        return CaptionedImages(self.images[:n], self.captions[:n], self.name)
+
+    def flat_captions(self) -> tuple[list[str], torch.Tensor]:
+        """Every caption once, and the index of its image (text -> image ground truth)."""
+        texts = [c for caps in self.captions for c in caps]
+        owner = [i for i, caps in enumerate(self.captions) for _ in caps]
+        return texts, torch.tensor(owner, dtype=torch.long)
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"image file not found: {path}") from None
+    except OSError as e:
+        raise ValueError(f"image file unreadable: {path} ({e})") from None
+
+
+def _resize_crop(img: Image.Image, size: int) -> np.ndarray:
+    """Shorter side to ``size`` (bicubic), then the centre square — open_clip's eval transform."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------ synthetic shapes
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 215, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+BACKGROUNDS = {"gray": (128, 128, 128), "dark": (45, 45, 60), "light": (225, 215, 190)}
+SIZES = {"small": 0.11, "large": 0.17}  # radius as a fraction of the image side; fits a grid cell
+POSITIONS = [  # 3x3 grid, row-major
+    "in the top left",
+    "at the top",
+    "in the top right",
+    "on the left",
+    "in the center",
+    "on the right",
+    "in the bottom left",
+    "at the bottom",
+    "in the bottom right",
+]
+
+
+def _polygon(k: int, cx: float, cy: float, r: float, phase: float = -np.pi / 2) -> list:
+    a = phase + 2 * np.pi * np.arange(k) / k
+    return list(zip(cx + r * np.cos(a), cy + r * np.sin(a), strict=True))
+
+
+def _star(cx: float, cy: float, r: float) -> list:
+    outer, inner = _polygon(5, cx, cy, r), _polygon(5, cx, cy, r * 0.45, -np.pi / 2 + np.pi / 5)
+    return [p for pair in zip(outer, inner, strict=True) for p in pair]
+
+
+def _cross(cx: float, cy: float, r: float) -> list:
+    t = r * 0.35
+    pts = [
+        (-t, -r),
+        (t, -r),
+        (t, -t),
+        (r, -t),
+        (r, t),
+        (t, t),
+        (t, r),
+        (-t, r),
+        (-t, t),
+        (-r, t),
+        (-r, -t),
+        (-t, -t),
+    ]
+    return [(cx + x, cy + y) for x, y in pts]
+
+
+SHAPES: dict[str, Callable[[ImageDraw.ImageDraw, float, float, float, tuple], None]] = {
+    "circle": lambda d, x, y, r, c: d.ellipse((x - r, y - r, x + r, y + r), fill=c),
+    "square": lambda d, x, y, r, c: d.rectangle(
+        (x - r * 0.85, y - r * 0.85, x + r * 0.85, y + r * 0.85), fill=c
+    ),
+    "triangle": lambda d, x, y, r, c: d.polygon(_polygon(3, x, y + r * 0.2, r * 1.1), fill=c),
+    "diamond": lambda d, x, y, r, c: d.polygon(_polygon(4, x, y, r), fill=c),
+    "star": lambda d, x, y, r, c: d.polygon(_star(x, y, r * 1.1), fill=c),
+    "cross": lambda d, x, y, r, c: d.polygon(_cross(x, y, r), fill=c),
+}
+
+
+def _describe(shape: tuple[str, str, str, int]) -> str:
+    kind, colour, size, pos = shape
+    return f"a {size} {colour} {kind} {POSITIONS[pos]}"
+
+
+def _captions(shapes: list, background: str, n: int, rng: np.random.Generator) -> list[str]:
+    """``n`` distinct paraphrases of the same facts (shape order and template vary)."""
+    templates = [
+        lambda parts, bg: f"{_join(parts)} on a {bg} background",
+        lambda parts, bg: f"a {bg} background with {_join(parts)}",
+        lambda parts, bg: f"picture of {_join(parts)}, {bg} background",
+        lambda parts, bg: f"on a {bg} background: {_join(parts)}",
+        lambda parts, bg: f"{_join(parts)}; the background is {bg}",
+    ]
+    out = []
+    for k in range(n):
+        order = rng.permutation(len(shapes)) if k else np.arange(len(shapes))
+        out.append(
+            templates[k](  # a different template per caption keeps them distinct
+                [_describe(shapes[j]) for j in order], background
+            )
+        )
+    return out
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def synthetic_image(cfg: SyntheticData, split: str, index: int) -> tuple[np.ndarray, list[str]]:
+    """Image ``index`` of ``split`` and its captions, from ``(data_seed, split, index)`` alone."""
+    rng = np.random.default_rng([cfg.data_seed, SPLITS.index(split), index])
+    s = cfg.image_size
+    background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    img = Image.new("RGB", (s, s), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(img)
+    n = int(rng.integers(1, cfg.max_shapes + 1))
+    shapes = []
+    for pos in sorted(rng.choice(len(POSITIONS), size=n, replace=False).tolist()):
+        kind = list(SHAPES)[rng.integers(len(SHAPES))]
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        size = list(SIZES)[rng.integers(len(SIZES))]
+        row, col = divmod(pos, 3)
+        jitter = rng.uniform(-0.04, 0.04, size=2) * s
+        cx, cy = (col + 0.5) * s / 3 + jitter[0], (row + 0.5) * s / 3 + jitter[1]
+        SHAPES[kind](draw, cx, cy, SIZES[size] * s, COLOURS[colour])
+        shapes.append((kind, colour, size, pos))
+    pixels = np.asarray(img, dtype=np.int16) + rng.integers(-6, 7, size=(s, s, 3))  # mild texture
+    return np.clip(pixels, 0, 255).astype(np.uint8), _captions(
+        shapes, background, cfg.captions_per_image, rng
+    )
+
+
+def _synthetic(cfg: SyntheticData, split: str) -> CaptionedImages:
+    n = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}[split]
+    items = [synthetic_image(cfg, split, i) for i in range(n)]
+    return CaptionedImages(
+        np.stack([im for im, _ in items]), [c for _, c in items], f"synthetic/{split}"
+    )
+
+
+# ------------------------------------------------------------------------------------ real data
+def _csv(cfg: CsvData, split: str) -> CaptionedImages:
+    table = {"train": cfg.train, "val": cfg.val, "test": cfg.test or cfg.val}[split]
+    if not table.is_file():
+        raise ValueError(f"data.{split}: file not found: {table}")
+    delimiter = "\t" if table.suffix.lower() in (".tsv", ".tab") else ","
+    grouped: dict[str, list[str]] = {}
+    with table.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        for col in (cfg.image_column, cfg.caption_column):
+            if col not in (reader.fieldnames or []):
+                raise ValueError(f"{table}: missing column {col!r} (has {reader.fieldnames})")
+        for row in reader:
+            grouped.setdefault(row[cfg.image_column], []).append(row[cfg.caption_column].strip())
+    root = cfg.image_root or table.parent
+    return _checked(table, [root / p for p in grouped], list(grouped.values()), split)
+
+
+def _karpathy(cfg: KarpathyData, split: str) -> CaptionedImages:
+    if not cfg.path.is_file():
+        raise ValueError(f"data.path: file not found: {cfg.path}")
+    try:
+        entries = json.loads(cfg.path.read_text())["images"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{cfg.path}: expected a Karpathy JSON with an 'images' list") from None
+    wanted = {"train": ("train", "restval")}.get(split, (split,))  # restval trains, by convention
+    chosen = [e for e in entries if e.get("split") in wanted]
+    paths = [cfg.image_root / e.get("filepath", "") / e["filename"] for e in chosen]
+    captions = [[s["raw"].strip() for s in e["sentences"]] for e in chosen]
+    return _checked(cfg.path, paths, captions, split)
+
+
+def _checked(
+    source: Path, paths: list[Path], captions: list[list[str]], split: str
+) -> CaptionedImages:
+    if not paths:
+        raise ValueError(f"{source}: the {split} split is empty")
+    missing = next((p for p in paths if not p.is_file()), None)
+    if missing is not None:
+        raise ValueError(f"{source}: image file not found: {missing}")
+    return CaptionedImages(paths, captions, f"{source.name}/{split}")
+
+
+DATASETS: dict[str, Callable] = {"synthetic": _synthetic, "csv": _csv, "karpathy": _karpathy}
+
+
+def load_split(cfg: SyntheticData | CsvData | KarpathyData, split: str) -> CaptionedImages:
+    if split not in SPLITS:
+        raise ValueError(f"split: unknown split {split!r}; known: {', '.join(SPLITS)}")
+    if cfg.kind not in DATASETS:
+        raise ValueError(f"data.kind: unknown kind {cfg.kind!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[cfg.kind](cfg, split)
+
+
+def export_csv(data: CaptionedImages, out_dir: Path, split: str, size: int) -> Path:
+    """Write a split to disk: PNG images and a ``<split>.csv`` that ``kind: csv`` reads back.
+
+    PNG is lossless, so a synthetic split exported and re-read as CSV is the same dataset.
+    """
+    image_dir = out_dir / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(len(data)):
+        rel = Path("images") / split / f"{i:06d}.png"
+        Image.fromarray(data.image(i, size)).save(out_dir / rel)
+        rows += [(rel.as_posix(), caption) for caption in data.captions[i]]
+    table = out_dir / f"{split}.csv"
+    tmp = table.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filepath", "caption"])
+        writer.writerows(rows)
+    tmp.replace(table)
+    return table

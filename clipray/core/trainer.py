@@ -1,0 +1,261 @@
+"""One training run: AdamW + warmup/cosine, grad clipping, bf16 on GPU, exact resume.
+
+:class:`Trainer` is the plain loop both entry points share: ``clipray train`` calls it in one
+process, each Ray Train worker calls it under DDP. It knows nothing of Ray or MLflow; it reports
+through :class:`Hooks`.
+
+Determinism: the data order and caption choice of epoch ``e`` depend only on ``(seed, e)``,
+and the torch RNG (PGD's random start, dropout) is reseeded from ``(seed, rank, step)`` before
+every step, so the step *is* the RNG state, for every rank. A checkpoint holds model, optimizer,
+scheduler and step; a run resumed from any checkpoint ends with the same weights as an
+uninterrupted one (on CPU; tested).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from clipray.config.schema import Experiment
+from clipray.core import checkpoint
+from clipray.core.contrastive import SINGLE, Ranks
+from clipray.core.data import CaptionedImages, load_split
+from clipray.core.device import autocast
+from clipray.core.encode import clean_retrieval
+from clipray.core.model import ClipModel, build_model
+from clipray.core.training_loss import ClipTrainingLoss
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A distinct, reproducible torch seed per (run seed, rank, step)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+class Hooks(Protocol):
+    """What a training run tells its caller. Only rank 0's calls carry checkpoints.
+
+    ``on_checkpoint`` returns True to end training there (an early stop); every rank must
+    return the same answer.
+    """
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_checkpoint(self, metrics: dict[str, float], blob: dict[str, Any] | None) -> bool: ...
+
+
+class NoHooks:
+    """Hooks for a run whose caller only wants the trained state (``Trainer.history`` keeps
+    every checkpoint's metrics): reports nothing, never stops early."""
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_checkpoint(self, metrics: dict[str, float], blob: dict[str, Any] | None) -> bool:
+        return False
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0 at ``total`` (open_clip's default schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on gains, biases and the temperature, as in CLIP."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+@dataclass
+class EpochPlan:
+    """Which images and captions this rank trains on, per step, in one epoch."""
+
+    order: np.ndarray  # image indices of the whole epoch, global batches back to back
+    caption: np.ndarray  # caption index (into the flat token table) per image
+
+
+class Trainer:
+    def __init__(
+        self,
+        exp: Experiment,
+        clip: ClipModel,
+        train: CaptionedImages,
+        val: CaptionedImages,
+        device: torch.device,
+        ranks: Ranks = SINGLE,
+    ):
+        self.exp, self.cfg, self.clip = exp, exp.train, clip
+        self.train_split, self.val_split = train, val
+        self.device, self.ranks = device, ranks
+        self.local_batch = self.cfg.batch_size // ranks.world_size
+        self.steps_per_epoch = len(train) // self.cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"train.batch_size: {self.cfg.batch_size} exceeds the {len(train)} training images"
+            )
+        self.total_steps = self.steps_per_epoch * self.cfg.epochs
+        texts, owner = train.flat_captions()
+        self.tokens = clip.tokenize(texts)
+        self.caption_start = np.searchsorted(owner.numpy(), np.arange(len(train)))
+        self.caption_count = np.bincount(owner.numpy(), minlength=len(train))
+
+        self.loss = ClipTrainingLoss(clip.model, exp.perturb, self.cfg.local_loss)
+        self.wrapped: torch.nn.Module = self.loss
+        if ranks.world_size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(self.loss, device_ids=ids)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(clip.model, self.cfg.weight_decay), lr=self.cfg.lr
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.cfg.warmup_steps, self.total_steps)
+        )
+        self.step = 0
+        self.history: list[dict[str, float]] = []  # metrics of every checkpoint, kept in it
+        self.resumed_from: int | None = None  # set by load_state_dict until the next checkpoint
+        self.autocast = autocast(device, self.cfg.precision)
+
+    # ------------------------------------------------------------------------------- data order
+    def plan(self, epoch: int) -> EpochPlan:
+        rng = np.random.default_rng([self.exp.seed, epoch])
+        order = rng.permutation(len(self.train_split))
+        pick = (rng.random(len(self.train_split)) * self.caption_count).astype(np.int64)
+        return EpochPlan(order, self.caption_start + pick)
+
+    def batch(self, plan: EpochPlan, step_in_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = step_in_epoch * self.cfg.batch_size + self.ranks.rank * self.local_batch
+        idx = plan.order[start : start + self.local_batch]
+        split = self.train_split
+        if isinstance(split.images, np.ndarray) and split.images.shape[1] == self.clip.image_size:
+            images = torch.from_numpy(split.images[idx])
+        else:
+            images = torch.from_numpy(np.stack([split.image(i, self.clip.image_size) for i in idx]))
+        return images, self.tokens[plan.caption[idx]]
+
+    # ------------------------------------------------------------------------------------ steps
+    def train_step(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        torch.manual_seed(step_seed(self.exp.seed, self.ranks.rank, self.step))
+        x = self.clip.normalize(images.to(self.device, non_blocking=True))
+        with self.autocast:
+            out = self.wrapped(x, tokens.to(self.device, non_blocking=True))
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.clip.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():  # CLIP clamps the temperature at 100
+            self.clip.model.logit_scale.clamp_(0, math.log(100))
+        self.step += 1
+        return out
+
+    def fit(self, hooks: Hooks) -> None:
+        """Train from ``self.step`` to the end, checkpointing as configured."""
+        self.clip.model.train()
+        first_step_at = time.time()  # wall clock, comparable across processes: orchestration cost
+        while self.step < self.total_steps:
+            epoch, first = divmod(self.step, self.steps_per_epoch)
+            plan = self.plan(epoch)
+            sums: dict[str, float] = {}
+            done, t0 = 0, time.perf_counter()
+            for s in range(first, self.steps_per_epoch):
+                out = self.train_step(*self.batch(plan, s))
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                done += 1
+                hooks.on_step(self.step, {f"train/{k}": float(v.detach()) for k, v in out.items()})
+                end_of_epoch = s + 1 == self.steps_per_epoch
+                every = self.cfg.checkpoint_every_steps
+                if end_of_epoch or (every and self.step % every == 0):
+                    metrics = {f"train/{k}": v / done for k, v in sums.items()}
+                    elapsed = time.perf_counter() - t0
+                    metrics["train/samples_per_s"] = done * self.cfg.batch_size / elapsed
+                    metrics["time/steps_s"] = elapsed
+                    if first_step_at is not None:
+                        metrics["time/first_step_at"], first_step_at = first_step_at, None
+                    if self._checkpoint(hooks, metrics, validate=end_of_epoch):
+                        return  # stopped early by the caller
+                    t0 = time.perf_counter()  # validation and saving are not training time
+                    sums, done = {}, 0
+
+    def _checkpoint(self, hooks: Hooks, metrics: dict[str, float], validate: bool) -> bool:
+        metrics = dict(metrics, step=self.step, epoch=self.step / self.steps_per_epoch)
+        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        if self.resumed_from is not None:  # the first checkpoint after a restart says from where
+            metrics["train/resumed_from_step"], self.resumed_from = self.resumed_from, None
+        if self.ranks.rank == 0 and validate:
+            t0 = time.perf_counter()
+            val = clean_retrieval(
+                self.clip, self.val_split, self.exp.eval.batch_size, self.device, self.cfg.precision
+            )
+            metrics.update({f"val/{k}": v for k, v in val.items()})
+            metrics["time/validate_s"] = time.perf_counter() - t0
+        self.history.append(metrics)
+        return bool(
+            hooks.on_checkpoint(metrics, self.state_dict() if self.ranks.rank == 0 else None)
+        )
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot (copies, on the CPU): training may go on while it is being saved."""
+        return {
+            "format": checkpoint.FORMAT,
+            "model": {
+                k: v.detach().to("cpu", copy=True) for k, v in self.clip.model.state_dict().items()
+            },
+            "optimizer": _to_cpu_copy(self.optimizer.state_dict()),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "history": list(self.history),
+            "rng": {"scheme": "reseeded per step", "seed": self.exp.seed},
+            "config": self.exp.to_dict(),
+        }
+
+    def load_state_dict(self, blob: dict[str, Any]) -> None:
+        self.clip.model.load_state_dict(blob["model"])
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        self.step = int(blob["step"])
+        self.history = list(blob.get("history", []))
+        self.resumed_from = self.step
+
+
+def _to_cpu_copy(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu_copy(v) for v in obj]
+    return obj
+
+
+def build_trainer(
+    exp: Experiment,
+    device: torch.device,
+    ranks: Ranks = SINGLE,
+    resume: dict[str, Any] | None = None,
+) -> Trainer:
+    """Seeded model (the same on every rank), data and trainer; restored from ``resume``."""
+    torch.manual_seed(exp.seed)
+    clip = build_model(exp.model, device)
+    trainer = Trainer(
+        exp, clip, load_split(exp.data, "train"), load_split(exp.data, "val"), device, ranks
+    )
+    if resume is not None:
+        trainer.load_state_dict(resume)
+    return trainer

@@ -1,0 +1,109 @@
+"""What the sweep driver does as Tune reports: epoch metrics to MLflow, a line per finished trial,
+and the trial table's columns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+
+from clipray.config.schema import Experiment
+from clipray.config.space import SearchSpace
+from clipray.core import storage
+from clipray.sweep.ray_train import HISTORY_FILE
+from clipray.sweep.search import BASELINE_KEY
+from clipray.sweep.tracking import Runs, Tracking
+from clipray.sweep.trial import describe
+
+
+class EpochsToMlflow(tune.Callback):
+    """Logs each trial's per-checkpoint metrics to its MLflow run, from the sweep driver only.
+
+    Live, as each checkpoint is reported; at the trial's last report, any step a crash left out
+    is filled in from the checkpoint's history. One writer, so no step is logged twice; steps a
+    run already holds are skipped (a replay after a crash). The driver has MLflow loaded
+    already, so logging costs training nothing.
+    """
+
+    KEYS = ("train/", "val/", "time/")
+
+    def __init__(self, tracking: Tracking, objective: str):
+        self.tracking, self.objective = tracking, objective
+        self._runs: Runs | None = None
+        self._trials: dict[str, tuple[str, set[int]]] = {}  # trial id -> (run id, logged steps)
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into Tune's state: no caches
+        return {
+            "tracking": self.tracking,
+            "objective": self.objective,
+            "_runs": None,
+            "_trials": {},
+        }
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        if "step" not in result:
+            return
+        if self._runs is None:
+            self._runs = self.tracking.runs()
+        runs = self._runs
+        if trial.trial_id not in self._trials:
+            run_id = runs.find_trial(trial.trial_id)
+            if run_id is None:
+                return
+            self._trials[trial.trial_id] = (run_id, runs.metric_steps(run_id, "train/loss"))
+        run_id, steps = self._trials[trial.trial_id]
+        last = self.objective in result or result.get("early_stopped")
+        history = checkpoint_history(result["checkpoint_path"]) if last else [result]
+        for entry in history:
+            metrics = {k: v for k, v in entry.items() if k.startswith(self.KEYS) or k == "epoch"}
+            runs.log_metrics(run_id, metrics, int(entry["step"]), steps)
+
+
+def checkpoint_history(checkpoint: str) -> list[dict[str, Any]]:
+    """A trial checkpoint's per-checkpoint metrics (none from a checkpoint without the file)."""
+    path = storage.join(checkpoint, HISTORY_FILE)
+    return storage.read_json(path) if storage.exists(path) else []
+
+
+class TrialLines(tune.Callback):
+    """One line per finished trial, on the driver."""
+
+    def __init__(self, metric: str):
+        self.metric = metric  # (pickled into Tune's experiment state: plain values only)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        r = trial.last_result or {}
+        if self.metric not in r:  # stopped early by ASHA (or failed: Tune reports that)
+            if r.get("early_stopped"):
+                print(
+                    f"trial {trial.trial_id} stopped early by ASHA after epoch "
+                    f"{r.get('epoch', 0):g} (val rsum {r.get('val/rsum', float('nan')):.1f})",
+                    flush=True,
+                )
+            return
+        what = "baseline (epsilon=0)" if trial.config.get(BASELINE_KEY) else describe(trial.config)
+        nan = float("nan")
+        print(
+            f"trial {trial.trial_id} done: {what} | clean rsum {r.get('clean/rsum', nan):.1f}"
+            f" | {self.metric} {r.get(self.metric, nan):.1f}"
+            f" | robustness {r.get('agg/relative_robustness', nan):.3f}"
+            f" | {r.get('time_total_s', 0):.0f}s",
+            flush=True,
+        )
+
+
+def trial_table(exp: Experiment, space: SearchSpace) -> tune.CLIReporter:
+    """Tune's trial table: the searched values, training progress and the objective."""
+    return tune.CLIReporter(
+        parameter_columns={p: p.split(".")[-1] for p in space.params},
+        metric_columns={
+            "epoch": "epoch",
+            "train/loss": "loss",
+            "val/rsum": "val rsum",
+            "clean/rsum": "clean rsum",
+            exp.sweep.metric: exp.sweep.metric.split("/")[-1],
+        },
+        max_report_frequency=30,
+    )

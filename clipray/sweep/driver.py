@@ -1,0 +1,164 @@
+"""``clipray sweep``: Ray Tune + Optuna over feature-perturbation configs, every trial trained with
+Ray Train, scored by the sweep's actor pool, logged to MLflow, resumable after any crash.
+
+Layout on storage (``<storage>/<name>/``): Tune's experiment state, ``clipray_sweep.json`` (the
+manifest, :mod:`clipray.sweep.manifest`), ``train/<trial id>/`` (each trial's Ray Train run and
+checkpoints), ``baseline_metrics.json`` (the epsilon = 0 trial's scores, the reference for mCE),
+``best_config.yaml`` and ``results.csv``.
+
+This module is the driver's sequence of steps; what runs inside each trial is
+:mod:`clipray.sweep.trial`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray import tune
+
+from clipray.config.errors import ConfigError
+from clipray.config.schema import Experiment
+from clipray.config.space import SearchSpace
+from clipray.core import storage
+from clipray.core.metrics import retrieval_keys
+from clipray.scoring.plan import resolve_cache_dir, result_keys
+from clipray.scoring.pool import ScorerPool
+from clipray.sweep.callbacks import EpochsToMlflow, TrialLines, trial_table
+from clipray.sweep.manifest import Plan, check_destination, start_plan
+from clipray.sweep.report import (
+    REPORT,
+    SweepSummary,
+    backfill_reference,
+    closing_lines,
+    record_best,
+    report,
+)
+from clipray.sweep.runtime import check_resources, init_ray
+from clipray.sweep.search import make_scheduler, make_searcher, tune_space
+from clipray.sweep.trial import run_trial
+
+
+def check_inputs(exp: Experiment, space: SearchSpace) -> None:
+    """What the config alone can get wrong, found before anything is written or started."""
+    known = result_keys(exp.eval, reference=exp.sweep.baseline)
+    if exp.sweep.metric not in known:
+        agg = sorted(k for k in known if k.startswith("agg/") and k.count("/") == 1)
+        raise ConfigError(
+            f"sweep.metric: {exp.sweep.metric!r} is not a scoring result for these corruptions "
+            f"and severities; e.g. {', '.join(agg)}, clean/rsum or corrupt/<name>/s<k>/rsum"
+            + ("" if exp.sweep.baseline else " (agg/mce and relative_* need sweep.baseline)")
+        )
+    epoch_keys = [f"val/{k}" for k in retrieval_keys()]
+    if exp.sweep.asha.enabled and exp.sweep.asha.metric not in epoch_keys:
+        raise ConfigError(
+            f"sweep.asha.metric: {exp.sweep.asha.metric!r} is not a per-epoch metric (higher is "
+            f"better); one of {', '.join(epoch_keys)}"
+        )
+    make_searcher(exp, space)  # the sampler's own constraints (grid: choice params only)
+    resolve_cache_dir(exp)  # remote storage needs an explicit eval.cache_dir
+
+
+def run_sweep(
+    exp: Experiment, space: SearchSpace, resume: bool = False, out: Callable[[str], None] = print
+) -> SweepSummary:
+    """Run (or resume) a sweep to ``num_samples`` trials; returns where the best one is."""
+    t0 = time.perf_counter()
+    # 1. All bad input fails here, before the manifest or any MLflow run is written.
+    check_inputs(exp, space)
+    plan = check_destination(exp, space, resume)
+    local = init_ray()
+    check_resources(exp, ray.cluster_resources(), local)
+    plan = plan or start_plan(exp, space)
+    runs = plan.tracking.runs()
+    runs.set_running(runs.parent)  # again, on a resume
+    out(f"sweep {plan.sweep_id}: {exp.sweep.num_samples} trials, results in {plan.directory}")
+    pool = None
+    try:
+        # 2. The scorer pool shared by all trials (its corrupted set comes from the cache).
+        pool = ScorerPool.create(exp, name=plan.pool_name)
+        info = pool.ready()
+        out(
+            f"scorer pool ready: {info['corrupted_cells']} corruption x severity cells on "
+            f"{info['actors']} actors, {info['builds']} built, {info['hits']} from cache "
+            f"({time.perf_counter() - t0:.0f}s)"
+        )
+        # 3. Search: Tune + Optuna (+ ASHA), the baseline first.
+        results = _tuner(exp, space, plan, resume).fit()
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        runs.finish(runs.parent, status="KILLED" if interrupted else "FAILED")
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    # 4. Wrap up: baseline aggregates for early finishers, the best trial, the parent run.
+    return _summarise(exp, plan, results, out)
+
+
+def _tuner(exp: Experiment, space: SearchSpace, plan: Plan, resume: bool) -> tune.Tuner:
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, plan=plan), {"CPU": exp.sweep.cpus_per_trial}
+    )
+    if resume and tune.Tuner.can_restore(plan.directory):
+        return tune.Tuner.restore(
+            plan.directory, trainable, resume_unfinished=True, resume_errored=True
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=tune_space(space),
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(exp, space),
+            scheduler=make_scheduler(exp, plan.directory),
+            num_samples=exp.sweep.num_samples,
+            max_concurrent_trials=exp.sweep.max_concurrent_trials,
+            reuse_actors=True,  # no trial is killed (ASHA stops are cooperative), so reuse
+        ),
+        run_config=tune.RunConfig(
+            name=exp.name,
+            storage_path=storage.absolute(exp.storage),
+            callbacks=[
+                TrialLines(exp.sweep.metric),
+                EpochsToMlflow(plan.tracking, exp.sweep.metric),
+            ],
+            failure_config=tune.FailureConfig(max_failures=1),
+            progress_reporter=trial_table(exp, space),
+            verbose=1,
+        ),
+    )
+
+
+def _summarise(
+    exp: Experiment, plan: Plan, results: Any, out: Callable[[str], None]
+) -> SweepSummary:
+    metric = exp.sweep.metric
+    runs = plan.tracking.runs()
+    scored = [r for r in results if r.metrics and metric in r.metrics]
+    stopped = [r for r in results if r.metrics and r.metrics.get("early_stopped")]
+    backfill_reference(runs, plan, scored)
+    best = None
+    if scored:
+        best = max(scored, key=lambda r: r.metrics[metric] * (1 if exp.sweep.mode == "max" else -1))
+        record_best(runs, exp, plan, best, len(scored))
+    summary = SweepSummary(
+        plan.sweep_id,
+        plan.directory,
+        len(scored) + len(stopped),
+        best.metrics.get("trial_id") if best else None,
+        best.metrics[metric] if best else None,
+        best.metrics.get("checkpoint_path") if best else None,
+        plan.tracking.uri,
+        expected=exp.sweep.num_samples,
+        failed=results.num_errors,
+    )
+    table, csv_text = report(plan)
+    storage.write_text(storage.join(plan.directory, REPORT), csv_text)
+    out(table)
+    # Interrupted (Tune takes Ctrl-C and returns) or failed trials: the sweep is not finished.
+    status = "FINISHED" if summary.complete else "FAILED" if summary.failed else "KILLED"
+    runs.finish(runs.parent, status=status)
+    for line in closing_lines(summary, metric):
+        out(line)
+    return summary

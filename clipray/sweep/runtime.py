@@ -1,0 +1,66 @@
+"""The Ray runtime a sweep runs on: joining or starting it, and checking it can run the sweep."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from clipray.config.errors import ConfigError
+from clipray.config.schema import Experiment
+from clipray.core.device import wants_gpu
+from clipray.sweep.ray_train import TRAIN_ENV
+
+RAY_ENV = {  # the Train settings (clipray.sweep.ray_train.TRAIN_ENV) and the sweep driver's
+    **TRAIN_ENV,
+    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",  # epoch reports carry no corrupted metrics yet
+    "RAY_AIR_NEW_OUTPUT": "0",  # the classic trial table, with the columns we choose
+}
+
+
+def init_ray() -> bool:
+    """Join the cluster when there is one (RAY_ADDRESS / ray up), else start Ray here.
+
+    Returns whether Ray runs on this machine only (and no autoscaler may add nodes).
+    """
+    os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
+    if not ray.is_initialized():
+        runtime_env = {
+            "env_vars": {k: os.environ[k] for k in RAY_ENV},
+            "worker_process_setup_hook": "clipray.sweep.ray_logging.quiet_logs",
+        }
+        address = os.environ.get("RAY_ADDRESS")
+        try:
+            ray.init(runtime_env=runtime_env)  # the dashboard also serves Ray's state API
+        except ConnectionError as e:
+            raise ConfigError(f"RAY_ADDRESS: no Ray cluster at {address!r} ({e})") from None
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    return not os.environ.get("RAY_ADDRESS") and len(alive) == 1
+
+
+def check_resources(exp: Experiment, have: dict[str, float], local: bool) -> None:
+    """The pool plus one trial must fit in ``have`` (the cluster's resources), or the first
+    trial would wait forever; on a cluster that may grow, only a warning."""
+    sc, tr = exp.eval.scorers, exp.train
+    trial_gpus = tr.num_workers if wants_gpu(tr.use_gpu, have.get("GPU", 0) > 0) else 0
+    needs = {
+        "CPU": (
+            sc.num_actors * sc.cpus_per_actor
+            + exp.sweep.cpus_per_trial
+            + tr.num_workers * tr.cpus_per_worker,
+            f"eval.scorers / train.cpus_per_worker / sweep.cpus_per_trial: the scorer pool "
+            f"({sc.num_actors} x {sc.cpus_per_actor} CPU) and one trial ({exp.sweep.cpus_per_trial}"
+            f" + {tr.num_workers} x {tr.cpus_per_worker} CPU)",
+        ),
+        "GPU": (
+            sc.num_actors * sc.gpus_per_actor + trial_gpus,
+            f"eval.scorers.gpus_per_actor / train.use_gpu: the scorer pool ({sc.num_actors} x "
+            f"{sc.gpus_per_actor} GPU) and one trial ({trial_gpus} GPU)",
+        ),
+    }
+    for what, (need, message) in needs.items():
+        if need > have.get(what, 0.0) + 1e-9:
+            message = f"{message} need {need:g} {what}s; this Ray cluster has {have.get(what, 0):g}"
+            if local:
+                raise ConfigError(message)
+            print(f"warning: {message} (waiting for the autoscaler)", flush=True)
