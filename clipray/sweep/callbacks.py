@@ -67,6 +67,29 @@ def checkpoint_history(checkpoint: str) -> list[dict[str, Any]]:
     return storage.read_json(path) if storage.exists(path) else []
 
 
+class RetireOrphans(tune.Callback):
+    """At the first step of a (resumed) sweep, retire MLflow trial runs Tune does not know.
+
+    Tune hands every trial it knows, restored ones included, to ``on_step_begin`` before it
+    starts any; a run still RUNNING under another trial id was opened by a driver that died
+    before Tune saved that trial, which Tune will now suggest again under a new id.
+    """
+
+    def __init__(self, tracking: Tracking):
+        self.tracking = tracking
+        self._done = False
+
+    def __getstate__(self) -> dict[str, Any]:  # a restored sweep checks again
+        return {"tracking": self.tracking, "_done": False}
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if not self._done:
+            self._done = True
+            retired = self.tracking.runs().retire_orphans({t.trial_id for t in trials})
+            if retired:
+                print(f"retired {len(retired)} MLflow run(s) of trials lost in a crash", flush=True)
+
+
 class TrialLines(tune.Callback):
     """One line per finished trial, on the driver."""
 

@@ -26,7 +26,7 @@ from clipray.core import storage
 from clipray.core.metrics import retrieval_keys
 from clipray.scoring.plan import resolve_cache_dir, result_keys
 from clipray.scoring.pool import ScorerPool
-from clipray.sweep.callbacks import EpochsToMlflow, TrialLines, trial_table
+from clipray.sweep.callbacks import EpochsToMlflow, RetireOrphans, TrialLines, trial_table
 from clipray.sweep.manifest import Plan, check_destination, start_plan
 from clipray.sweep.report import (
     REPORT,
@@ -120,6 +120,7 @@ def _tuner(exp: Experiment, space: SearchSpace, plan: Plan, resume: bool) -> tun
             name=exp.name,
             storage_path=storage.absolute(exp.storage),
             callbacks=[
+                RetireOrphans(plan.tracking),
                 TrialLines(exp.sweep.metric),
                 EpochsToMlflow(plan.tracking, exp.sweep.metric),
             ],

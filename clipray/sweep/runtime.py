@@ -18,6 +18,31 @@ RAY_ENV = {  # the Train settings (clipray.sweep.ray_train.TRAIN_ENV) and the sw
 }
 
 
+# Ray Tune copies these into every trial's runtime environment, and Ray's runtime-env agent logs
+# each runtime environment it creates, in plain text, at INFO (ray/tune/execution/class_cache.py).
+KEY_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+def guard_secrets(starting_ray_here: bool) -> None:
+    """Warn once about key variables; keep them out of the logs of a Ray that clipray starts.
+
+    A Ray started here runs at warning log level when key variables are set, so the runtime-env
+    agent never writes them; a cluster's own Ray logs them at its own level: there, use instance
+    roles instead of key variables (README, "Secrets").
+    """
+    present = [k for k in KEY_VARIABLES if os.environ.get(k)]
+    if not present:
+        return
+    where = "this sweep's Ray logs at warning level" if starting_ray_here else "see README Secrets"
+    print(
+        f"warning: {', '.join(present)} set: Ray Tune hands AWS key variables to every trial, "
+        f"and Ray's runtime-env agent logs them at INFO; prefer instance roles ({where})",
+        flush=True,
+    )
+    if starting_ray_here:
+        os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
+
+
 def init_ray() -> bool:
     """Join the cluster when there is one (RAY_ADDRESS / ray up), else start Ray here.
 
@@ -25,6 +50,7 @@ def init_ray() -> bool:
     """
     os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
     if not ray.is_initialized():
+        guard_secrets(starting_ray_here=not os.environ.get("RAY_ADDRESS"))
         runtime_env = {
             "env_vars": {k: os.environ[k] for k in RAY_ENV},
             "worker_process_setup_hook": "clipray.sweep.ray_logging.quiet_logs",

@@ -236,6 +236,24 @@ class Runs:
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         self._client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def retire_orphans(self, known_trials: set[str]) -> list[str]:
+        """Soft-delete RUNNING trial runs of this sweep whose trial Tune does not know.
+
+        A driver killed between opening a trial's run and saving Tune's state leaves such a run:
+        on resume Tune suggests that trial again under a new id. Deleted runs stay in the store
+        (tagged ``clipray.orphaned``, restorable) but leave the sweep's views. Returns their ids.
+        """
+        running = f"tags.`{PARENT_TAG}` = '{self.parent}' and attributes.status = 'RUNNING'"
+        orphans = self._client.search_runs([self.tracking.experiment_id], filter_string=running)
+        retired = []
+        for run in orphans:
+            if run.data.tags.get(TRIAL_TAG) not in known_trials:
+                self.set_tags(run.info.run_id, {"clipray.orphaned": "not in Tune's saved state"})
+                self._client.set_terminated(run.info.run_id, status="KILLED")
+                self._client.delete_run(run.info.run_id)
+                retired.append(run.info.run_id)
+        return retired
+
     def trial_rows(self, params: Sequence[str], metrics: Sequence[str]) -> list[dict[str, Any]]:
         """Every trial run of the sweep as a plain row: trial_id, trial (the run name), status,
         the given params ("" when absent) and metrics (NaN when absent)."""

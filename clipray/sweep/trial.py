@@ -85,7 +85,7 @@ def run_trial(params: dict[str, Any], plan: Plan) -> None:
         _log_trial_artifacts(runs, run_id, exp, flat, checkpoint, trial_id)
         clock["end"] = time.time()
         flat.update(timings(clock, blob["history"]))
-        runs.log_metrics(run_id, flat, int(blob["step"]), set())
+        runs.log_metrics(run_id, flat, int(blob["step"]))  # once: a re-run after a crash skips
         runs.finish(run_id)
     except BaseException:
         runs.finish(run_id, status="FAILED")
