@@ -9,7 +9,8 @@ from typing import Any
 import yaml
 
 from clipray.config.loading import load_experiment, read_yaml
-from clipray.config.space import load_space
+from clipray.config.space import largest_batch, load_space
+from clipray.core.datacheck import check_dataset
 
 
 def _looks_like_space(path: Path, raw: dict[str, Any]) -> bool:
@@ -20,10 +21,11 @@ def _looks_like_space(path: Path, raw: dict[str, Any]) -> bool:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate experiment and search-space files; print each resolved config."""
+    """Validate experiment and search-space files (and an experiment's data); print each
+    resolved config."""
     for name in args.files:
         path = Path(name)
-        raw = read_yaml(path)
+        raw = read_yaml(path, allow_empty=True)  # an empty experiment file is refused below
         if _looks_like_space(path, raw):
             space = load_space(path)
             print(f"# {path}: search space OK ({len(space.params)} parameters)")
@@ -34,8 +36,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             )
             continue
         exp = load_experiment(path, args.set)
-        if exp.sweep.space is not None:
-            load_space(exp.sweep.space, exp)
+        space = load_space(exp.sweep.space, exp) if exp.sweep.space is not None else None
+        check_dataset(exp, largest_batch(exp, space))
         print(f"# {path}: experiment OK")
         print(yaml.safe_dump(exp.to_dict(), sort_keys=False))
     return 0

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clipray.config.errors import ConfigError
+from clipray.config.errors import ConfigError, StoppedError
 
 # The default sweep ships inside the package, so it is there after a plain `pip install`.
 DEFAULT_SWEEP = Path(__file__).resolve().parent.parent / "defaults" / "sweeps" / "default.yaml"
@@ -97,13 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_ERROR = 1000  # characters; messages quote user values bounded, this is the last fence
+
+
+def _one_line(message: str) -> str:
+    """An error message as one line of bounded length, whatever raised it."""
+    line = " ".join(message.split())
+    return line if len(line) <= MAX_ERROR else line[: MAX_ERROR - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, ValueError) as e:
-        print(f"clipray: error: {e}", file=sys.stderr)
+        print(f"clipray: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    except StoppedError as e:
+        print(f"clipray: stopped: {_one_line(str(e))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("clipray: interrupted", file=sys.stderr)
         return 130

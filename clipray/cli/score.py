@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from clipray.config.loading import apply_overrides, experiment_from_dict, load_experiment, read_yaml
+from clipray.config.paths import check_output_dir, check_output_file
 from clipray.config.schema import Experiment
 from clipray.core import storage
 from clipray.core.checkpoint import load_checkpoint
+from clipray.scoring.plan import resolve_cache_dir
 from clipray.scoring.pool import score_checkpoint
 from clipray.scoring.tables import rsum_table, summary_lines
 
@@ -45,6 +47,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     for key, value in (("corruptions", args.corruptions), ("severities", args.severities)):
         extra += [f"eval.{key}={json.dumps(value)}"] if value is not None else []
     exp = command_experiment(blob, args.file, args.set + extra, args.checkpoint)
+    json_out = check_output_file(args.json, "--json") if args.json else None  # before the work
+    check_output_dir(resolve_cache_dir(exp), "eval.cache_dir" if exp.eval.cache_dir else "storage")
     flat, info = score_checkpoint(exp, blob, progress=not args.quiet)
     print(rsum_table(flat))
     print("\n".join(summary_lines(flat)))
@@ -53,6 +57,6 @@ def cmd_score(args: argparse.Namespace) -> int:
         f"{info['builds']}, loaded from cache {info['hits']}",
         file=sys.stderr,
     )
-    if args.json:
-        storage.write_json(str(Path(args.json).resolve()), flat)
+    if json_out is not None:
+        storage.write_json(str(json_out.resolve()), flat)
     return 0

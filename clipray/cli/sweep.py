@@ -8,6 +8,7 @@ from pathlib import Path
 from clipray.cli.main import DEFAULT_SWEEP
 from clipray.config.errors import ConfigError
 from clipray.config.loading import load_experiment
+from clipray.config.paths import check_output_file
 from clipray.config.schema import Experiment
 from clipray.config.space import SearchSpace, load_space
 from clipray.core import storage
@@ -45,6 +46,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Every trial of a sweep, best first, from its MLflow runs; also writes results.csv."""
     plan = saved_plan(args.directory)
+    if args.csv:
+        check_output_file(args.csv, "--csv")  # before MLflow is asked anything
     table, csv_text = report(plan)
     print(table)
     out = args.csv or storage.join(plan.directory, REPORT)

@@ -19,6 +19,8 @@ from typing import Any
 
 import open_clip
 
+from clipray.config.errors import brief, brief_list, brief_text
+
 BUNDLED_CONFIG_DIR = Path(__file__).parent / "model_configs"
 BUNDLED_MODELS = tuple(sorted(p.stem for p in BUNDLED_CONFIG_DIR.glob("*.json")))
 open_clip.add_model_config(BUNDLED_CONFIG_DIR)
@@ -30,7 +32,7 @@ def architecture(name: str) -> dict[str, Any]:
     if cfg is None:
         others = len(open_clip.list_models()) - len(BUNDLED_MODELS)
         raise ValueError(
-            f"model.name: unknown model {name!r}; known: {', '.join(BUNDLED_MODELS)} and "
+            f"model.name: unknown model {brief(name)}; known: {', '.join(BUNDLED_MODELS)} and "
             f"{others} open_clip architectures (open_clip.list_models()), e.g. ViT-B-32, RN50"
         )
     return cfg
@@ -42,8 +44,8 @@ def tower_depths(name: str) -> dict[str, int]:
     vision, text = cfg["vision_cfg"], cfg["text_cfg"]
     if vision.get("timm_model_name") or text.get("hf_model_name"):
         raise ValueError(
-            f"model.name: {name!r} uses a timm/Hugging Face tower; feature perturbation supports "
-            "open_clip's own ViT, ModifiedResNet and text transformer"
+            f"model.name: {brief(name)} uses a timm/Hugging Face tower; feature perturbation "
+            "supports open_clip's own ViT, ModifiedResNet and text transformer"
         )
     layers = vision["layers"]
     image_depth = sum(layers) if isinstance(layers, (list, tuple)) else int(layers)
@@ -66,11 +68,11 @@ def check_pretrained(name: str, pretrained: str | None) -> None:
     if pretrained is None or Path(pretrained).is_file():
         return
     if looks_like_file(pretrained):
-        raise ValueError(f"model.pretrained: file not found: {pretrained}")
+        raise ValueError(f"model.pretrained: file not found: {brief_text(pretrained, 200)}")
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
-        known = ", ".join(tags) if tags else "none for this architecture"
+        known = brief_list(tags, 5) if tags else "none for this architecture"
         raise ValueError(
-            f"model.pretrained: {pretrained!r} is neither a file nor a pretrained tag of "
+            f"model.pretrained: {brief(pretrained)} is neither a file nor a pretrained tag of "
             f"{name} (known tags: {known})"
         )

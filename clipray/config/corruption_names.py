@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from numbers import Integral
 
+from clipray.config.errors import brief, brief_list
+
 SEVERITIES = (1, 2, 3, 4, 5)
 # The package refuses smaller images (its own documented minimum); we keep its contract.
 MIN_SIDE = 32
@@ -51,20 +53,20 @@ DETERMINISTIC = frozenset(
 
 
 def _known() -> str:
-    return f"known corruptions: {', '.join(NAMES)}; groups: {', '.join(GROUPS)}"
+    return f"known corruptions: {brief_list(NAMES, 6)}; groups: {', '.join(GROUPS)}"
 
 
 def check_name(name: str) -> str:
     """`name` if it is a known corruption, else ValueError listing the known names."""
     if not isinstance(name, str) or name not in NAMES:
-        raise ValueError(f"unknown corruption {name!r}; {_known()}")
+        raise ValueError(f"unknown corruption {brief(name, 60)}; {_known()}")
     return name
 
 
 def resolve_corruptions(spec: Sequence[str]) -> list[str]:
     """Expand group names, validate corruption names, dedupe keeping first occurrence."""
     if isinstance(spec, str):
-        raise ValueError(f"corruption spec must be a list of names, got the string {spec!r}")
+        raise ValueError(f"corruption spec must be a list of names, got the string {brief(spec)}")
     out: list[str] = []
     for item in spec:
         names = GROUPS.get(item) or (check_name(item),)
@@ -79,5 +81,5 @@ def check_severity(severity: int) -> int:
         or not isinstance(severity, Integral)
         or int(severity) not in SEVERITIES
     ):
-        raise ValueError(f"severity must be an integer in {SEVERITIES}, got {severity!r}")
+        raise ValueError(f"severity must be an integer in {SEVERITIES}, got {brief(severity, 40)}")
     return int(severity)

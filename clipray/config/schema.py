@@ -28,7 +28,11 @@ from clipray.config.corruption_names import MIN_SIDE, resolve_corruptions
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+SEED_MAX = 2**32 - 1  # numpy's and Optuna's seeds are unsigned 32-bit
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -42,7 +46,7 @@ class SyntheticData(_Section):
     image_size: int = Field(64, ge=16, le=512, description="matches the tiny models' input size")
     captions_per_image: int = Field(2, ge=1, le=5, description="exercises multi-caption recall")
     max_shapes: int = Field(2, ge=1, le=4, description="1..max shapes per image")
-    data_seed: int = Field(1234, description="the dataset itself; independent of training seed")
+    data_seed: Seed = Field(1234, description="the dataset itself; independent of training seed")
 
 
 class CsvData(_Section):
@@ -194,7 +198,7 @@ class EvalConfig(_Section):
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
     max_images: int | None = Field(None, ge=1, description="score on the first N images only")
     batch_size: int = Field(256, ge=1)
-    seed: int = Field(0, description="corruption randomness; fixed so trials see the same images")
+    seed: Seed = Field(0, description="corruption randomness; fixed so trials see the same images")
     cache_dir: str | None = Field(None, description="None: <storage>/cache (local storage)")
     scorers: ScorerConfig = ScorerConfig()
 
@@ -227,7 +231,7 @@ class SearcherConfig(_Section):
     sampler: Literal["tpe", "random", "nsga2", "gp", "grid"] = Field(
         "tpe", description="Optuna sampler; grid enumerates choice/grid params"
     )
-    seed: int = 0
+    seed: Seed = 0
     multi_objective: bool = Field(
         False, description="maximise clean and corrupted retrieval jointly"
     )
@@ -259,9 +263,16 @@ class SweepConfig(_Section):
 
 # ---------------------------------------------------------------------------------- experiment
 class Experiment(_Section):
-    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    seed: int = 0
-    storage: str = Field("runs", description="local dir, NFS path or s3://... for multi-node")
+    name: str = Field(
+        "default",
+        max_length=100,  # a directory name; file systems allow 255 bytes
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="the sweep's directory: <storage>/<name>/",
+    )
+    seed: Seed = 0
+    storage: str = Field(
+        "runs", min_length=1, description="local dir, NFS path or s3://... for multi-node"
+    )
     data: DataConfig = SyntheticData()
     model: ModelConfig = ModelConfig()
     perturb: PerturbConfig = PerturbConfig()

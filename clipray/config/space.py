@@ -23,13 +23,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from clipray.config.errors import ConfigError
+from clipray.config.errors import ConfigError, brief, brief_text
 from clipray.config.loading import experiment_from_dict, read_yaml, with_values
 from clipray.config.schema import Experiment
 
 
 class _Dist(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Choice(_Dist):
@@ -122,7 +122,7 @@ class SearchSpace(BaseModel):
                 experiment_from_dict(with_values(base, point), self.source)
             except ConfigError as e:
                 detail = str(e).split(": ", 1)[-1]
-                values = ", ".join(f"{p}={v!r}" for p, v in point.items())
+                values = brief_text(", ".join(f"{p}={brief(v, 40)}" for p, v in point.items()))
                 raise ConfigError(f"{self.source}: {values} is invalid: {detail}") from None
 
 
@@ -151,24 +151,30 @@ def _models_in(annotation: Any) -> list[Any]:
 def parse_space(raw: dict[str, Any], source: str) -> SearchSpace:
     if not raw:
         raise ConfigError(f"{source}: empty search space; expected at least one parameter")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of config paths to distributions")
     params = {}
-    for path, spec in raw.items():
-        if not _field_exists(str(path)):
+    for key, spec in raw.items():
+        path = brief_text(key, 80)
+        if not isinstance(key, str) or not _field_exists(key):
             raise ConfigError(f"{source}: {path}: no such config field")
         if not isinstance(spec, dict):
             raise ConfigError(
                 f"{source}: {path}: expected a mapping with 'type' ({', '.join(DIST_TYPES)})"
             )
         try:
-            params[str(path)] = _DIST.validate_python(spec)
+            params[key] = _DIST.validate_python(spec)
         except ValidationError as e:
             err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"][1:] if p not in DIST_TYPES)
-            msg = err["msg"].removeprefix("Value error, ")
+            where = ".".join(brief_text(p, 40) for p in err["loc"][1:] if p not in DIST_TYPES)
+            msg = brief_text(err["msg"].removeprefix("Value error, "), 200)
             if err["type"] == "union_tag_not_found":
                 msg = f"missing 'type'; expected one of {', '.join(DIST_TYPES)}"
             elif err["type"] == "union_tag_invalid":
-                msg = f"unknown type {spec.get('type')!r}; expected one of {', '.join(DIST_TYPES)}"
+                kind = brief(spec.get("type"), 40)
+                msg = f"unknown type {kind}; expected one of {', '.join(DIST_TYPES)}"
+            elif "input" in err and not isinstance(err["input"], (dict, list, tuple)):
+                msg = f"{msg} (got {brief(err['input'], 40)})"
             raise ConfigError(f"{source}: {path}{'.' + where if where else ''}: {msg}") from None
     return SearchSpace(source=source, params=params)
 
@@ -176,6 +182,14 @@ def parse_space(raw: dict[str, Any], source: str) -> SearchSpace:
 def load_space(path: str | Path, exp: Experiment | None = None) -> SearchSpace:
     """Parse and validate a space file; with ``exp``, also check every value against it."""
     path = Path(path)
-    space = parse_space(read_yaml(path), str(path))
+    space = parse_space(read_yaml(path, allow_empty=True), str(path))
     space.check_against(exp if exp is not None else Experiment())
     return space
+
+
+def largest_batch(exp: Experiment, space: SearchSpace | None) -> int:
+    """The largest ``train.batch_size`` a trial of this sweep can get (the space may vary it)."""
+    dist = space.params.get("train.batch_size") if space is not None else None
+    if dist is None:
+        return exp.train.batch_size
+    return max(int(v) for v in dist.extremes())

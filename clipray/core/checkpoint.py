@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from clipray.config.errors import brief_text
+
 FORMAT = "clipray-checkpoint-v1"
 
 
@@ -39,10 +41,19 @@ def _read(path: Path, device: torch.device | str = "cpu") -> Any:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A clipray training checkpoint (on the CPU)."""
+    """A clipray training checkpoint (on the CPU), with every part a reader relies on."""
+    if path.exists() and not path.is_file():
+        raise ValueError(f"checkpoint {path}: not a file")
     blob = _read(path)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path}: not a clipray training checkpoint")
+    parts = {"model": Mapping, "config": Mapping, "optimizer": Mapping, "scheduler": Mapping}
+    for key, kind in parts.items():
+        if not isinstance(blob.get(key), kind):
+            raise ValueError(f"checkpoint {path}: incomplete (no {key!r} inside)")
+    step = blob.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"checkpoint {path}: incomplete (no training 'step' inside)")
     return blob
 
 
@@ -77,4 +88,6 @@ def load_state(
     except RuntimeError as e:
         lines = str(e).splitlines()
         first = lines[1].strip() if len(lines) > 1 else lines[0]
-        raise ValueError(f"{source}: does not fit {architecture} ({first})") from None
+        raise ValueError(
+            f"{source}: does not fit {architecture} ({brief_text(first, 120)})"
+        ) from None

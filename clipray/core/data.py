@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from clipray.config.errors import brief, brief_text
 from clipray.config.schema import CsvData, KarpathyData, SyntheticData
 
 SPLITS = ("train", "val", "test")
@@ -72,14 +73,28 @@ class CaptionedImages:
         return texts, torch.tensor(owner, dtype=torch.long)
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path, how: str = "rgb") -> Image.Image:
+    """Image ``path`` as RGB; ``how="decode"``: only decode it (a JPEG at reduced scale, still
+    every byte of its stream); ``"header"``: only read its format and size."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            if how == "decode":
+                im.draft("RGB", (64, 64))
+                im.load()
+            return im.convert("RGB") if how == "rgb" else im
     except FileNotFoundError:
         raise ValueError(f"image file not found: {path}") from None
-    except OSError as e:
-        raise ValueError(f"image file unreadable: {path} ({e})") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib/struct errors
+        raise ValueError(f"image file unreadable: {path} ({_why(e)})") from None
+
+
+def _why(e: Exception) -> str:
+    """Why PIL could not read an image, in a few words (its messages repeat the path)."""
+    if isinstance(e, Image.DecompressionBombError):
+        return f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels: a decompression bomb?"
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image format PIL can decode"
+    return "a directory" if isinstance(e, IsADirectoryError) else brief_text(e, 60)
 
 
 def _resize_crop(img: Image.Image, size: int) -> np.ndarray:
@@ -227,13 +242,34 @@ def _csv(cfg: CsvData, split: str) -> CaptionedImages:
         raise ValueError(f"data.{split}: file not found: {table}")
     delimiter = "\t" if table.suffix.lower() in (".tsv", ".tab") else ","
     grouped: dict[str, list[str]] = {}
-    with table.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        for col in (cfg.image_column, cfg.caption_column):
-            if col not in (reader.fieldnames or []):
-                raise ValueError(f"{table}: missing column {col!r} (has {reader.fieldnames})")
-        for row in reader:
-            grouped.setdefault(row[cfg.image_column], []).append(row[cfg.caption_column].strip())
+    line = 1
+    try:
+        with table.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            columns = reader.fieldnames or []
+            for col in (cfg.image_column, cfg.caption_column):
+                if col not in columns:
+                    found = ", ".join(brief(c, 30) for c in columns[:6]) or "none: empty file"
+                    raise ValueError(f"{table}: missing column {brief(col, 40)} (has {found})")
+            for row in reader:
+                line = reader.line_num
+                image, caption = row[cfg.image_column], row[cfg.caption_column]
+                if image is None or caption is None:
+                    raise ValueError(f"{table}: line {line}: fewer fields than the header")
+                if not image.strip():
+                    raise ValueError(f"{table}: line {line}: empty {cfg.image_column}")
+                if not caption.strip():
+                    raise ValueError(f"{table}: line {line}: empty {cfg.caption_column}")
+                grouped.setdefault(image.strip(), []).append(caption.strip())
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{table}: not UTF-8 text (byte 0x{e.object[e.start]:02x} near line {line}); "
+            "expected a CSV/TSV table"
+        ) from None
+    except csv.Error as e:
+        raise ValueError(f"{table}: not a valid table (line {line}: {brief_text(e, 60)})") from None
+    except OSError as e:
+        raise ValueError(f"{table}: cannot be read ({e.strerror or type(e).__name__})") from None
     root = cfg.image_root or table.parent
     return _checked(table, [root / p for p in grouped], list(grouped.values()), split)
 
@@ -241,14 +277,41 @@ def _csv(cfg: CsvData, split: str) -> CaptionedImages:
 def _karpathy(cfg: KarpathyData, split: str) -> CaptionedImages:
     if not cfg.path.is_file():
         raise ValueError(f"data.path: file not found: {cfg.path}")
+    expected = f"{cfg.path}: expected a Karpathy JSON with an 'images' list"
     try:
-        entries = json.loads(cfg.path.read_text())["images"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"{cfg.path}: expected a Karpathy JSON with an 'images' list") from None
+        entries = json.loads(cfg.path.read_bytes().decode("utf-8-sig"))["images"]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{cfg.path}: not UTF-8 text (at byte {e.start}); {expected}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
+        raise ValueError(expected) from None
+    except OSError as e:
+        raise ValueError(f"{cfg.path}: cannot be read ({e.strerror})") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"{expected}; 'images' is a {type(entries).__name__}")
     wanted = {"train": ("train", "restval")}.get(split, (split,))  # restval trains, by convention
-    chosen = [e for e in entries if e.get("split") in wanted]
-    paths = [cfg.image_root / e.get("filepath", "") / e["filename"] for e in chosen]
-    captions = [[s["raw"].strip() for s in e["sentences"]] for e in chosen]
+    paths, captions = [], []
+    for i, entry in enumerate(entries):
+        where = f"{cfg.path}: images[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected an object with filename and sentences")
+        if entry.get("split") not in wanted:
+            continue
+        folder, name = entry.get("filepath", ""), entry.get("filename")
+        if not isinstance(name, str) or not name.strip() or not isinstance(folder, str):
+            raise ValueError(f"{where}: expected a 'filename' string (and optional 'filepath')")
+        sentences = entry.get("sentences")
+        if not isinstance(sentences, list) or not sentences:
+            raise ValueError(f"{where}: expected a non-empty 'sentences' list")
+        texts = []
+        for j, sentence in enumerate(sentences):
+            raw = sentence.get("raw") if isinstance(sentence, dict) else None
+            if not isinstance(raw, str):
+                raise ValueError(f"{where}.sentences[{j}]: expected an object with a 'raw' string")
+            if not raw.strip():
+                raise ValueError(f"{where}.sentences[{j}]: empty 'raw' caption")
+            texts.append(raw.strip())
+        paths.append(cfg.image_root / folder / name)
+        captions.append(texts)
     return _checked(cfg.path, paths, captions, split)
 
 
@@ -261,6 +324,27 @@ def _checked(
     if missing is not None:
         raise ValueError(f"{source}: image file not found: {missing}")
     return CaptionedImages(paths, captions, f"{source.name}/{split}")
+
+
+# ---------------------------------------------------------------------------------- checking
+def check_images(split: CaptionedImages, sample: int | None = None) -> None:
+    """Every image of ``split`` decodes (``sample`` None), or, when ``split`` has more than
+    ``sample`` images, every header reads and ``sample`` evenly spaced images decode. One-line
+    ValueError naming the split and the image. In-memory (synthetic) splits pass as they are."""
+    if isinstance(split.images, np.ndarray):
+        return
+    n = len(split.images)
+    try:
+        if sample is None or n <= sample:
+            for path in split.images:
+                _open(path, "decode")
+            return
+        for path in split.images:
+            _open(path, "header")
+        for i in np.linspace(0, n - 1, sample).round().astype(int):
+            _open(split.images[int(i)], "decode")
+    except ValueError as e:
+        raise ValueError(f"{split.name}: {e}") from None
 
 
 DATASETS: dict[str, Callable] = {"synthetic": _synthetic, "csv": _csv, "karpathy": _karpathy}

@@ -7,6 +7,7 @@ from typing import Any
 
 from ray import tune
 
+from clipray.config.errors import StoppedError
 from clipray.config.schema import Experiment
 from clipray.config.space import SearchSpace
 from clipray.core import storage
@@ -88,6 +89,32 @@ class RetireOrphans(tune.Callback):
             retired = self.tracking.runs().retire_orphans({t.trial_id for t in trials})
             if retired:
                 print(f"retired {len(retired)} MLflow run(s) of trials lost in a crash", flush=True)
+
+
+class StorageWatch(tune.Callback):
+    """When a trial errors, check the sweep's storage can still be written; if not (full,
+    read-only, gone), stop the sweep at once instead of failing every remaining trial."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        storage_failure(self.directory, raise_it=True)
+
+
+def storage_failure(directory: str, raise_it: bool = False) -> str | None:
+    """Why ``directory`` cannot be written to now, or None; with ``raise_it``, a StoppedError."""
+    try:
+        storage.check_writable(directory, "storage")
+    except ValueError as e:
+        message = (
+            f"{e}; what the sweep wrote before is kept: once the storage is writable again, "
+            f"continue it with: clipray resume {directory}"
+        )
+        if raise_it:
+            raise StoppedError(message) from None
+        return message
+    return None
 
 
 class TrialLines(tune.Callback):

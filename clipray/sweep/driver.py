@@ -12,6 +12,8 @@ This module is the driver's sequence of steps; what runs inside each trial is
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,14 +21,23 @@ from typing import Any
 import ray
 from ray import tune
 
-from clipray.config.errors import ConfigError
+from clipray.config.errors import ConfigError, StoppedError, brief
+from clipray.config.paths import check_output_dir
 from clipray.config.schema import Experiment
-from clipray.config.space import SearchSpace
+from clipray.config.space import SearchSpace, largest_batch
 from clipray.core import storage
+from clipray.core.datacheck import check_dataset
 from clipray.core.metrics import retrieval_keys
 from clipray.scoring.plan import resolve_cache_dir, result_keys
 from clipray.scoring.pool import ScorerPool
-from clipray.sweep.callbacks import EpochsToMlflow, RetireOrphans, TrialLines, trial_table
+from clipray.sweep.callbacks import (
+    EpochsToMlflow,
+    RetireOrphans,
+    StorageWatch,
+    TrialLines,
+    storage_failure,
+    trial_table,
+)
 from clipray.sweep.manifest import Plan, check_destination, start_plan
 from clipray.sweep.report import (
     REPORT,
@@ -36,7 +47,7 @@ from clipray.sweep.report import (
     record_best,
     report,
 )
-from clipray.sweep.runtime import check_resources, init_ray
+from clipray.sweep.runtime import check_ray_address, check_resources, init_ray
 from clipray.sweep.search import make_scheduler, make_searcher, tune_space
 from clipray.sweep.trial import run_trial
 
@@ -47,18 +58,23 @@ def check_inputs(exp: Experiment, space: SearchSpace) -> None:
     if exp.sweep.metric not in known:
         agg = sorted(k for k in known if k.startswith("agg/") and k.count("/") == 1)
         raise ConfigError(
-            f"sweep.metric: {exp.sweep.metric!r} is not a scoring result for these corruptions "
-            f"and severities; e.g. {', '.join(agg)}, clean/rsum or corrupt/<name>/s<k>/rsum"
+            f"sweep.metric: {brief(exp.sweep.metric, 60)} is not a scoring result for these "
+            f"corruptions and severities; e.g. {', '.join(agg)}, clean/rsum or "
+            "corrupt/<name>/s<k>/rsum"
             + ("" if exp.sweep.baseline else " (agg/mce and relative_* need sweep.baseline)")
         )
     epoch_keys = [f"val/{k}" for k in retrieval_keys()]
     if exp.sweep.asha.enabled and exp.sweep.asha.metric not in epoch_keys:
         raise ConfigError(
-            f"sweep.asha.metric: {exp.sweep.asha.metric!r} is not a per-epoch metric (higher is "
-            f"better); one of {', '.join(epoch_keys)}"
+            f"sweep.asha.metric: {brief(exp.sweep.asha.metric, 60)} is not a per-epoch metric "
+            f"(higher is better); one of {', '.join(epoch_keys)}"
         )
     make_searcher(exp, space)  # the sampler's own constraints (grid: choice params only)
-    resolve_cache_dir(exp)  # remote storage needs an explicit eval.cache_dir
+    cache = resolve_cache_dir(exp)  # remote storage needs an explicit eval.cache_dir
+    if not os.environ.get("RAY_ADDRESS"):  # built on this machine: it must be possible here
+        check_output_dir(cache, "eval.cache_dir" if exp.eval.cache_dir else "storage")
+    check_dataset(exp, largest_batch(exp, space))  # every trial would fail on bad data
+    check_ray_address()  # an unreachable cluster fails here, in seconds, not in ray.init
 
 
 def run_sweep(
@@ -87,9 +103,13 @@ def run_sweep(
         )
         # 3. Search: Tune + Optuna (+ ASHA), the baseline first.
         results = _tuner(exp, space, plan, resume).fit()
+        storage_failure(plan.directory, raise_it=True)  # (trials that failed for want of it)
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
-        runs.finish(runs.parent, status="KILLED" if interrupted else "FAILED")
+        with contextlib.suppress(Exception):  # the store may sit on the storage that failed
+            runs.finish(runs.parent, status="KILLED" if interrupted else "FAILED")
+        if not interrupted and (why := storage_failure(plan.directory)):
+            raise StoppedError(why) from None  # one line, whatever Tune wrapped it in
         raise
     finally:
         if pool is not None:
@@ -120,6 +140,7 @@ def _tuner(exp: Experiment, space: SearchSpace, plan: Plan, resume: bool) -> tun
             name=exp.name,
             storage_path=storage.absolute(exp.storage),
             callbacks=[
+                StorageWatch(plan.directory),
                 RetireOrphans(plan.tracking),
                 TrialLines(exp.sweep.metric),
                 EpochsToMlflow(plan.tracking, exp.sweep.metric),

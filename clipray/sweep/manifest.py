@@ -8,19 +8,22 @@ or ``clipray report`` work from the directory alone.
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from clipray.config.errors import ConfigError
+from clipray.config.errors import ConfigError, brief_text
 from clipray.config.loading import experiment_from_dict
+from clipray.config.paths import check_output_dir, check_output_file
 from clipray.config.schema import Experiment
 from clipray.config.space import SearchSpace, parse_space
 from clipray.core import storage
 from clipray.sweep.tracking import Tracking, flatten, open_sweep, prepare_backend, resolve_uri
 
 MANIFEST = "clipray_sweep.json"
+TRACKING_FIELDS = tuple(f.name for f in fields(Tracking))
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,11 @@ def space_dict(space: SearchSpace) -> dict[str, Any]:
 
 def check_destination(exp: Experiment, space: SearchSpace, resume: bool) -> Plan | None:
     """Storage writable, tracking reachable, and the sweep directory right for a new sweep (None)
-    or for a resume (the saved plan). Writes only a probe file and the tracking schema."""
+    or for a resume (the saved plan). On local storage, leaves nothing behind until every check
+    has passed; then, for a new sweep, writes the tracking schema (a local SQLite store)."""
     directory = sweep_directory(exp)
-    storage.check_writable(storage.absolute(exp.storage), "storage")
+    uri = None if resume else resolve_uri(exp)  # config alone: remote storage needs a server
+    _check_storage(storage.absolute(exp.storage))
     manifest = storage.join(directory, MANIFEST)
     if storage.exists(manifest):
         if not resume:
@@ -65,8 +70,23 @@ def check_destination(exp: Experiment, space: SearchSpace, resume: bool) -> Plan
         return _plan(saved, directory)
     if resume:
         raise ConfigError(f"{directory}: not a clipray sweep (no {MANIFEST}); nothing to resume")
-    prepare_backend(resolve_uri(exp))
+    uri = uri or resolve_uri(exp)
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        check_output_file(uri.removeprefix("sqlite:///"), "tracking.uri")
+    try:
+        prepare_backend(uri)
+    except ConfigError as e:  # MLflow's reasons can run to paragraphs
+        raise ConfigError(brief_text(str(e), 300)) from None
     return None
+
+
+def _check_storage(root: str) -> None:
+    """Remote storage: created and probed. Local: probed, and left as it was (a missing directory
+    is created to prove it can be, then removed), so a refused sweep leaves nothing behind."""
+    if storage.is_remote(root):
+        storage.check_writable(root, "storage")
+    else:
+        check_output_dir(root, "storage")
 
 
 def start_plan(exp: Experiment, space: SearchSpace) -> Plan:
@@ -90,10 +110,29 @@ def start_plan(exp: Experiment, space: SearchSpace) -> Plan:
 
 
 def _read_manifest(path: str) -> dict[str, Any]:
-    saved = storage.read_json(path)  # not JSON: a ValueError, reported as one line
+    """The manifest at ``path``, with the shape every reader relies on; one line naming it
+    when it is damaged (not JSON, not UTF-8, truncated, parts missing or of the wrong type)."""
+    try:
+        saved = storage.read_json(path)
+    except (ValueError, OSError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else brief_text(e, 60)
+        raise ConfigError(f"{path}: not a clipray sweep manifest (unreadable: {reason})") from None
     keys = ("sweep_id", "experiment", "space", "tracking")
     if not isinstance(saved, dict) or not all(k in saved for k in keys):
         raise ConfigError(f"{path}: not a clipray sweep manifest (needs {', '.join(keys)})")
+    tracking = saved["tracking"]
+    shape = {
+        "sweep_id": isinstance(saved["sweep_id"], str),
+        "experiment": isinstance(saved["experiment"], dict)
+        and isinstance(saved["experiment"].get("name"), str),
+        "space": isinstance(saved["space"], dict),
+        "tracking": isinstance(tracking, dict)
+        and sorted(tracking) == sorted(TRACKING_FIELDS)
+        and all(isinstance(v, str) for v in tracking.values()),
+    }
+    bad = [key for key, ok in shape.items() if not ok]
+    if bad:
+        raise ConfigError(f"{path}: not a clipray sweep manifest (damaged: {', '.join(bad)})")
     return saved
 
 
@@ -131,6 +170,14 @@ def load_plan(directory: str) -> tuple[Experiment, SearchSpace]:
 
 
 def saved_plan(directory: str) -> Plan:
-    """The plan recorded in a sweep directory (``clipray report DIR``)."""
+    """The plan recorded in a sweep directory (``clipray report DIR``), its MLflow store still
+    there: a local SQLite file that exists (MLflow would quietly create an empty one), a server
+    that answers."""
     directory, saved = _saved(directory)
+    uri = saved["tracking"]["uri"]
+    where = storage.join(directory, MANIFEST)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"{where}: the sweep's MLflow store {uri} is gone")
+    if uri.startswith(("http://", "https://")):
+        prepare_backend(uri)
     return _plan(saved, directory)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 
-from clipray.config.errors import ConfigError
+from clipray.config.errors import ConfigError, brief
 from clipray.config.schema import Experiment
 from clipray.core.device import wants_gpu
 from clipray.sweep.ray_train import TRAIN_ENV
@@ -43,6 +44,65 @@ def guard_secrets(starting_ray_here: bool) -> None:
         os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
 
 
+PROBE_TIMEOUT_S = 3.0  # a GCS on a reachable node answers a TCP connect in milliseconds
+
+
+def _target(address: str) -> tuple[str, int] | None:
+    """The ``(host, port)`` ``ray.init`` will connect to for ``address``, resolved the way Ray
+    resolves it (``auto``: the cluster this machine last started; ``127.0.0.1``: this node's IP);
+    None for ``local``. ``ray://host:port`` (Ray Client) is connected to as written."""
+    if address.startswith("ray://"):
+        host, sep, port = address.removeprefix("ray://").rpartition(":")
+        canonical: str | None = f"{host}:{port}" if sep and host else "bad"
+    elif address == "local":
+        return None
+    else:
+        try:  # Ray's own resolution (private API; the documented behaviour of RAY_ADDRESS)
+            from ray._private.services import canonicalize_bootstrap_address
+
+            canonical = canonicalize_bootstrap_address(address)
+        except ImportError:  # another Ray: check the address as written
+            canonical = None if address == "auto" else address
+        except ConnectionError:  # auto: "Could not find any running Ray instance"
+            canonical = None
+        except Exception:  # Ray: "Invalid address format"
+            canonical = "bad"
+        if canonical is None:
+            raise ConfigError(
+                f"RAY_ADDRESS: {brief(address)}: no Ray cluster runs on this machine; start one "
+                "(ray start --head) or unset RAY_ADDRESS to run here"
+            )
+    host, _, port = canonical.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"RAY_ADDRESS: {brief(address)}: expected host:port, ray://host:port or auto"
+        )
+    return host.strip("[]"), int(port)
+
+
+def check_ray_address() -> None:
+    """When ``RAY_ADDRESS`` is set, the cluster it names must accept a TCP connection to its
+    GCS (or Ray Client server) within ``PROBE_TIMEOUT_S``; otherwise ``ray.init`` would retry
+    for minutes, after the sweep had written its manifest and MLflow runs. One line naming the
+    address instead. Nothing to check without RAY_ADDRESS, for ``local``, or when Ray already
+    runs in this process."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if not address or ray.is_initialized():
+        return
+    target = _target(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else e.strerror or brief(str(e))
+        raise ConfigError(
+            f"RAY_ADDRESS: no Ray cluster at {brief(address)} ({reason}); start one (ray start "
+            "--head) or unset RAY_ADDRESS to run on this machine"
+        ) from None
+
+
 def init_ray() -> bool:
     """Join the cluster when there is one (RAY_ADDRESS / ray up), else start Ray here.
 
@@ -56,6 +116,7 @@ def init_ray() -> bool:
             "worker_process_setup_hook": "clipray.sweep.ray_logging.quiet_logs",
         }
         address = os.environ.get("RAY_ADDRESS")
+        check_ray_address()
         try:
             ray.init(runtime_env=runtime_env)  # the dashboard also serves Ray's state API
         except ConnectionError as e:
