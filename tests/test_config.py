@@ -378,8 +378,12 @@ def test_a_missing_experiment_file_is_one_line(tmp_path):
     assert str(err.value) == f"{tmp_path / 'nope.yaml'}: file not found"
 
 
-def test_an_empty_file_means_all_defaults(tmp_path):
-    assert load_experiment(_write(tmp_path / "e.yaml", "# nothing\n")) == Experiment()
+def test_an_empty_file_is_refused_rather_than_read_as_all_defaults(tmp_path):
+    """No file means the defaults; an empty one (or only comments) is more likely a mistake."""
+    f = _write(tmp_path / "e.yaml", "# nothing\n")
+    with pytest.raises(ConfigError) as err:
+        load_experiment(f)
+    assert str(err.value) == f"{f}: empty file; expected a mapping of sections"
 
 
 # ------------------------------------------------------------------------------------ perturb
@@ -407,7 +411,10 @@ def test_layer_bounds_follow_python_indexing_of_the_tower_blocks(tower, depths):
 
 
 def test_layer_bounds_use_the_chosen_model():
-    assert load_experiment(None, ["model.name=clipray-small-vit", "perturb.layer=7"])
+    assert (
+        load_experiment(None, ["model.name=clipray-small-vit", "perturb.layer=7"]).perturb.layer
+        == 7
+    )
     with pytest.raises(ConfigError, match="perturb.layer"):
         load_experiment(None, ["model.name=clipray-tiny-vit", "perturb.layer=7"])
 

@@ -27,6 +27,8 @@ from clipray.core.data import (
     synthetic_image,
 )
 
+# Data-layer tests use their own sizes, not conftest's TINY: a training split of another size than
+# val and test, so a mixed-up split shows in its length.
 SMALL = SyntheticData(train_size=48, val_size=24, test_size=24)
 SHAPE_RE = re.compile(
     rf"a ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) "

@@ -11,10 +11,8 @@ import torch
 
 from clipray.config.architectures import BUNDLED_MODELS, image_size, tower_depths
 from clipray.config.schema import ModelConfig
-from clipray.core.checkpoint import FORMAT, read_weights, save_checkpoint
+from clipray.core.checkpoint import FORMAT, read_weights
 from clipray.core.model import ClipModel, build_model, to_uint8_nhwc
-from clipray.core.trainer import build_trainer
-from tests.conftest import small_experiment
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,15 +27,6 @@ def no_network():
         mp.setattr(socket.socket, "connect", refuse)
         mp.setattr(socket, "create_connection", refuse)
         yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -168,22 +157,13 @@ def test_to_uint8_nhwc_rejects_other_layouts(bad):
 
 
 # ------------------------------------------------------------------------------- checkpoints
-@pytest.fixture(scope="module")
-def trained_checkpoint(tmp_path_factory) -> tuple:
-    """A real clipray training checkpoint, after one real training step."""
-    trainer = build_trainer(small_experiment(), torch.device("cpu"))
-    trainer.train_step(*trainer.batch(trainer.plan(0), 0))
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
-    save_checkpoint(path, trainer.state_dict())
-    return path, _state(trainer.clip.model)
-
-
-def test_a_clipray_training_checkpoint_loads(trained_checkpoint):
-    path, expected = trained_checkpoint
+def test_a_clipray_training_checkpoint_loads(tiny_checkpoint):
+    """A real clipray training checkpoint (the session's tiny one) gives the trained weights."""
+    path, blob = tiny_checkpoint
     assert torch.load(path, weights_only=True)["format"] == FORMAT
     torch.manual_seed(99)  # a different init: only the file can make the weights equal
     clip = build_model(ModelConfig(pretrained=str(path)))
-    assert _same(_state(clip.model), expected)
+    assert _same(_state(clip.model), blob["model"])
 
 
 @pytest.mark.parametrize("layout", ["plain", "open_clip-train", "ddp-prefixed"])
@@ -214,10 +194,10 @@ def test_a_checkpoint_for_another_architecture_fails_clearly(models, tmp_path, o
 
 
 @pytest.mark.parametrize("damage", ["truncated", "text", "tensor"])
-def test_a_damaged_checkpoint_fails_clearly(trained_checkpoint, tmp_path, damage):
+def test_a_damaged_checkpoint_fails_clearly(tiny_checkpoint, tmp_path, damage):
     path = tmp_path / "bad.pt"
     if damage == "truncated":
-        data = trained_checkpoint[0].read_bytes()
+        data = tiny_checkpoint.path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
         expected = "cannot be read"
     elif damage == "text":

@@ -311,8 +311,7 @@ def test_shipped_spaces_are_valid_for_the_default_experiment(path):
 @pytest.mark.parametrize("sweep", SHIPPED_SWEEPS, ids=lambda p: p.name)
 def test_shipped_sweeps_reference_a_shipped_space_valid_for_them(sweep):
     exp = load_experiment(sweep)
-    if exp.sweep.space is None:
-        return
+    assert exp.sweep.space is not None, f"{sweep.name} names no search space"
     assert exp.sweep.space.resolve() in [p.resolve() for p in SHIPPED_SPACES]
     assert load_space(exp.sweep.space, exp).params
 

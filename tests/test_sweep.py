@@ -3,15 +3,15 @@ same command on a two-node cluster."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -23,6 +23,7 @@ from clipray.cli.main import main
 from clipray.cli.sweep import sweep_inputs
 from clipray.config.errors import ConfigError
 from clipray.config.space import parse_space
+from clipray.sweep import search
 from clipray.sweep.manifest import MANIFEST
 from clipray.sweep.search import (
     BASELINE_KEY,
@@ -36,9 +37,9 @@ from clipray.sweep.search import (
 from clipray.sweep.tracking import PARENT_TAG, SWEEP_TAG, TRIAL_TAG
 from clipray.sweep.trial import trial_experiment
 from tests.conftest import small_experiment
+from tests.e2e import BIN, child_runs, free_port, tiny_sweep
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 SPACE = {
     "perturb.layer": {"type": "int", "low": 0, "high": 3},
@@ -47,6 +48,9 @@ SPACE = {
     "perturb.norm": {"type": "grid", "values": ["linf", "l2"]},
     "perturb.adv_weight": {"type": "uniform", "low": 0.2, "high": 0.8},
 }
+GRID = {"perturb.norm": SPACE["perturb.norm"], "perturb.steps": SPACE["perturb.steps"]}
+GRID_POINTS = sorted(itertools.product(["linf", "l2"], [1, 2]))
+STUDY = "test-study"
 
 
 # ------------------------------------------------------------------------------ search pieces
@@ -79,11 +83,27 @@ def _tell(searcher, trial_id: str, value: float) -> None:
     searcher.on_trial_complete(trial_id, {"agg/mean_corrupted_rsum": value})
 
 
+def _searcher(exp, space, storage: optuna.storages.BaseStorage | None = None) -> BaselineFirst:
+    """``make_searcher``'s searcher, ready to suggest. With ``storage``, its Optuna study is kept
+    there (OptunaSearch's public ``storage`` argument), where ``optuna.load_study`` reads it."""
+    with pytest.MonkeyPatch.context() as mp:
+        if storage is not None:
+            with_storage = functools.partial(OptunaSearch, storage=storage, study_name=STUDY)
+            mp.setattr(search, "OptunaSearch", with_storage)
+        searcher = make_searcher(exp, space)
+    assert searcher.set_search_properties(None, None, tune_space(space))
+    return searcher
+
+
+def _optuna_trials(storage: optuna.storages.BaseStorage) -> list:
+    return optuna.load_study(study_name=STUDY, storage=storage).trials
+
+
 def test_baseline_comes_first_and_optuna_never_sees_it(tmp_path):
     exp = small_experiment()
     space = parse_space(SPACE, "s.yaml")
-    searcher = make_searcher(exp, space)
-    assert searcher.set_search_properties(None, None, tune_space(space))
+    storage = optuna.storages.InMemoryStorage()
+    searcher = _searcher(exp, space, storage)
     first = searcher.suggest("t0")
     assert first[BASELINE_KEY] is True and first["perturb.epsilon"] == 0.0
     assert set(SPACE) <= set(first)  # every searched path has a value (Tune fills gaps otherwise)
@@ -93,17 +113,44 @@ def test_baseline_comes_first_and_optuna_never_sees_it(tmp_path):
         config = searcher.suggest(f"t{i}")
         assert BASELINE_KEY not in config and 0.05 <= config["perturb.epsilon"] <= 1.0
         _tell(searcher, f"t{i}", 50.0 + i)
-    study = searcher.inner._ot_study
-    assert [t.value for t in study.trials] == [51.0, 52.0]  # the baseline is not among them
+    assert [t.value for t in _optuna_trials(storage)] == [51.0, 52.0]  # the baseline is not there
 
     path = str(tmp_path / "searcher.pkl")
     searcher.save(path)
-    restored = make_searcher(exp, space)
-    restored.set_search_properties(None, None, tune_space(space))
+    restored = _searcher(exp, space)
     restored.restore(path)
     assert restored.baseline_trial == "t0"
-    assert BASELINE_KEY not in restored.suggest("t3")  # no second baseline after a resume
-    assert len(restored.inner._ot_study.trials) == 3
+    resumed = restored.suggest("t3")
+    assert BASELINE_KEY not in resumed  # no second baseline after a resume
+    assert resumed == searcher.suggest("t3")  # Optuna goes on as if never interrupted
+
+
+def test_a_restored_searcher_keeps_optunas_history(tmp_path):
+    """Resumed, the search goes on where it was. With the grid sampler that is visible in the
+    suggestions: the restored searcher proposes exactly the points Optuna has not tried yet."""
+    exp = small_experiment("sweep.searcher.sampler=grid")
+    space = parse_space(GRID, "s.yaml")
+
+    def point(config: dict) -> tuple:
+        assert BASELINE_KEY not in config
+        return config["perturb.norm"], config["perturb.steps"]
+
+    searcher = _searcher(exp, space)
+    assert BASELINE_KEY in searcher.suggest("t0")
+    _tell(searcher, "t0", 100.0)
+    tried = []
+    for i in (1, 2):
+        tried.append(point(searcher.suggest(f"t{i}")))
+        _tell(searcher, f"t{i}", 50.0 + i)
+    path = str(tmp_path / "searcher.pkl")
+    searcher.save(path)
+    restored = _searcher(exp, space)
+    restored.restore(path)
+    rest = [point(restored.suggest(f"t{i}")) for i in (3, 4)]
+    assert sorted(tried + rest) == GRID_POINTS  # every point once: none repeated
+    forgetful = _searcher(exp, space)  # what a searcher without that history would do
+    forgetful.suggest("t0")
+    assert point(forgetful.suggest("t1")) == tried[0]  # it would start the grid over
 
 
 def test_without_baseline_optuna_suggests_from_the_start():
@@ -120,29 +167,52 @@ def test_multi_objective_and_samplers():
     searcher = make_searcher(exp, parse_space(SPACE, "s.yaml"))
     assert isinstance(searcher, BaselineFirst) and isinstance(searcher.inner, OptunaSearch)
     assert searcher.metric == ["clean/rsum", "agg/mean_corrupted_rsum"]
-    searcher.set_search_properties(None, None, tune_space(parse_space(SPACE, "s.yaml")))
+    storage = optuna.storages.InMemoryStorage()
+    searcher = _searcher(exp, parse_space(SPACE, "s.yaml"), storage)
     assert BASELINE_KEY in searcher.suggest("t0")
     for trial_id in ("t1", "t2", "t3"):
         searcher.suggest(trial_id)
     searcher.on_trial_complete("t1", {"clean/rsum": 300.0, "agg/mean_corrupted_rsum": 200.0})
     searcher.on_trial_complete("t2", {"epoch": 1.0, "early_stopped": 1.0})  # stopped by ASHA
     searcher.on_trial_complete("t3", None, error=True)
-    states = [t.state.name for t in searcher.inner._ot_study.trials]
+    states = [t.state.name for t in _optuna_trials(storage)]
     assert states == ["COMPLETE", "PRUNED", "FAIL"]  # none left RUNNING
     grid = small_experiment("sweep.searcher.sampler=grid")
     with pytest.raises(ValueError, match="choice/grid params only"):
         make_searcher(grid, parse_space(SPACE, "s.yaml"))
-    only_grid = {"perturb.norm": SPACE["perturb.norm"], "perturb.steps": SPACE["perturb.steps"]}
-    make_searcher(grid, parse_space(only_grid, "s.yaml"))
+    make_searcher(grid, parse_space(GRID, "s.yaml"))
+
+
+def _stub_trial(**config):
+    from ray.tune.experiment import Trial
+
+    return Trial("run_trial", config=config, stub=True)
 
 
 def test_asha_is_built_from_the_config(tmp_path):
+    """ASHA's settings, read from its decisions (CooperativeASHA turns a stop into a marker
+    file): it compares trials on val/rsum, higher is better, at the epochs their results carry,
+    and train.epochs is the end of training."""
+    from clipray.sweep.search import stop_marker_path
+
     fifo = make_scheduler(small_experiment(), str(tmp_path))
     assert not isinstance(fifo, tune.schedulers.ASHAScheduler)
     exp = small_experiment("sweep.asha.enabled=true", "train.epochs=4")
     asha = make_scheduler(exp, str(tmp_path))
-    assert isinstance(asha, tune.schedulers.ASHAScheduler)
-    assert asha.metric == "val/rsum" and asha._max_t == 4 and asha._time_attr == "epoch"
+    assert isinstance(asha, tune.schedulers.ASHAScheduler) and asha.metric == "val/rsum"
+
+    def stopped_at(epoch: float) -> list[str]:
+        """A strong trial, then a weak one, report at ``epoch``: which of them are stopped."""
+        trials = {"strong": _stub_trial(), "weak": _stub_trial()}
+        for value, trial in zip((90.0, 10.0), trials.values(), strict=True):
+            asha.on_trial_add(None, trial)
+            asha.on_trial_result(None, trial, {"epoch": epoch, "val/rsum": value})
+        marked = {n: Path(stop_marker_path(str(tmp_path), t.trial_id)) for n, t in trials.items()}
+        return [name for name, marker in marked.items() if marker.exists()]
+
+    assert stopped_at(1.0) == ["weak"]  # the first rung, on the "epoch" of a result
+    assert stopped_at(2.0) == ["weak"]  # a later rung: training is not over at epoch 2
+    assert stopped_at(4.0) == []  # epoch 4 = train.epochs: over; only scoring is left
 
 
 def test_baseline_point_keeps_the_files_values():
@@ -180,7 +250,7 @@ def test_unwritable_storage_fails_before_anything(tmp_path, capsys):
 
 def test_unreachable_tracking_server_fails_before_anything(tmp_path, capsys):
     storage = tmp_path / "runs"
-    file = _sweep_file(tmp_path, storage, tracking={"uri": f"http://127.0.0.1:{_free_port()}"})
+    file = _sweep_file(tmp_path, storage, tracking={"uri": f"http://127.0.0.1:{free_port()}"})
     _fails(capsys, ["sweep", str(file)], "tracking.uri", "unreachable")
     assert not (storage / "s").exists()
 
@@ -251,7 +321,7 @@ def test_scoring_metric_names_are_those_a_result_holds():
     assert not {"agg/mce", "agg/relative_mce"} & set(result_keys(exp.eval, reference=False))
 
 
-@pytest.mark.ray
+@pytest.mark.slow
 def test_a_sweep_that_cannot_fit_on_this_machine_writes_nothing(tmp_path):
     storage = tmp_path / "runs"
     file = _sweep_file(tmp_path, storage)
@@ -327,70 +397,9 @@ def test_resume_needs_a_sweep_of_the_same_config(tmp_path, capsys):
 
 
 # ------------------------------------------------------------- kill -9 mid-trial, then resume
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    db = tmp_path / "mlflow-server.db"
-    proc = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{db}",
-            "--artifacts-destination",
-            str(tmp_path / "mlflow-artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("mlflow server did not come up")
-            time.sleep(0.5)
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-
-
-TINY_SWEEP = [  # a few seconds per trial: tiny data, one corruption at one severity
-    "data.val_size=16",
-    "data.test_size=16",
-    "train.batch_size=32",
-    "train.warmup_steps=2",
-    "eval.corruptions=[fog]",
-    "eval.severities=[1]",
-]
-
-
-def _tiny_sweep(tmp_path: Path, *overrides: str) -> list[str]:
-    """``clipray sweep`` (the default sweep file) shrunk by TINY_SWEEP, then ``overrides``."""
-    sets = [f"eval.cache_dir={tmp_path / 'cache'}", *TINY_SWEEP, *overrides]
-    return [str(BIN / "clipray"), "sweep", *[a for o in sets for a in ("--set", o)]]
-
-
 def _sweep_command(tmp_path: Path, uri: str, *extra: str) -> list[str]:
     return [
-        *_tiny_sweep(
+        *tiny_sweep(
             tmp_path,
             "name=resume-test",
             f"storage={tmp_path / 'runs'}",
@@ -403,18 +412,11 @@ def _sweep_command(tmp_path: Path, uri: str, *extra: str) -> list[str]:
     ]
 
 
-def _child_runs(client: MlflowClient) -> list:
-    exp = client.get_experiment_by_name("clipray")
-    if exp is None:
-        return []
-    return [r for r in client.search_runs([exp.experiment_id]) if TRIAL_TAG in r.data.tags]
-
-
 def _kill_mid_training(proc: subprocess.Popen, client: MlflowClient, steps_per_epoch: int) -> None:
     """SIGKILL the driver once the second trial has finished its first epoch (not its last)."""
     deadline = time.time() + 420
     while time.time() < deadline and proc.poll() is None:
-        runs = _child_runs(client)
+        runs = child_runs(client)
         if len(runs) >= 2:
             second = max(runs, key=lambda r: r.info.start_time)
             steps = [m.step for m in client.get_metric_history(second.info.run_id, "train/loss")]
@@ -433,7 +435,7 @@ def _kill_mid_training(proc: subprocess.Popen, client: MlflowClient, steps_per_e
     pytest.fail(f"never reached the second trial's first epoch:\n{out[-3000:]}")
 
 
-@pytest.mark.ray
+@pytest.mark.slow
 def test_sigkilled_sweep_resumes_to_exactly_its_trials(tmp_path, mlflow_server):
     client = MlflowClient(mlflow_server)
     steps_per_epoch = 512 // 32
@@ -446,7 +448,7 @@ def test_sigkilled_sweep_resumes_to_exactly_its_trials(tmp_path, mlflow_server):
         start_new_session=True,
     )
     _kill_mid_training(proc, client, steps_per_epoch)
-    killed = {r.data.tags[TRIAL_TAG] for r in _child_runs(client) if r.info.status != "FINISHED"}
+    killed = {r.data.tags[TRIAL_TAG] for r in child_runs(client) if r.info.status != "FINISHED"}
     assert killed, "the kill should land inside a trial"
 
     resumed = subprocess.run(
@@ -463,7 +465,7 @@ def test_sigkilled_sweep_resumes_to_exactly_its_trials(tmp_path, mlflow_server):
     exp_id = client.get_experiment_by_name("clipray").experiment_id
     parents = [r for r in client.search_runs([exp_id]) if SWEEP_TAG in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = _child_runs(client)
+    children = child_runs(client)
     trial_ids = [r.data.tags[TRIAL_TAG] for r in children]
     assert len(children) == 3 and len(set(trial_ids)) == 3  # none duplicated
     expected_steps = [steps_per_epoch * e for e in (1, 2, 3)]
@@ -494,15 +496,14 @@ def test_sigkilled_sweep_resumes_to_exactly_its_trials(tmp_path, mlflow_server):
 def test_asha_stops_cooperatively_and_never_the_baseline_or_a_finished_trial(tmp_path):
     """ASHA's stops become marker files the trials' workers read (Tune never kills a trial in
     the middle of its Ray Train run); the baseline and trials past their last epoch are kept."""
-    from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
     from clipray.sweep.search import stop_marker_path
 
     exp = small_experiment("sweep.asha.enabled=true", "train.epochs=4", "sweep.asha.grace_period=1")
     scheduler = make_scheduler(exp, str(tmp_path))
-    others = [Trial("run_trial", config={"perturb.epsilon": 0.1}, stub=True) for _ in range(5)]
-    baseline = Trial("run_trial", config={BASELINE_KEY: True}, stub=True)
+    others = [_stub_trial(**{"perturb.epsilon": 0.1}) for _ in range(5)]
+    baseline = _stub_trial(**{BASELINE_KEY: True})
     decisions = []
     for value, t in zip([90, 80, 70, 60, 50, 1.0], [*others, baseline], strict=True):
         scheduler.on_trial_add(None, t)  # results arrive best first; the baseline is the worst
@@ -515,7 +516,7 @@ def test_asha_stops_cooperatively_and_never_the_baseline_or_a_finished_trial(tmp
     assert not Path(stop_marker_path(str(tmp_path), baseline.trial_id)).exists()
     # At the last epoch (a rung when max_t is a power of the reduction factor) nobody is stopped:
     # training is over and the trial still has to be scored.
-    late = Trial("run_trial", config={"perturb.epsilon": 0.2}, stub=True)
+    late = _stub_trial(**{"perturb.epsilon": 0.2})
     scheduler.on_trial_add(None, late)
     for value, t in zip([90, 80, 1.0], [others[0], others[1], late], strict=True):
         scheduler.on_trial_result(None, t, {"epoch": 4.0, "val/rsum": value})
@@ -523,7 +524,7 @@ def test_asha_stops_cooperatively_and_never_the_baseline_or_a_finished_trial(tmp
 
 
 # ------------------------------------------------------------ the same command on a cluster
-@pytest.mark.ray
+@pytest.mark.slow
 def test_sweep_joins_a_two_node_cluster_and_trains_across_it(tmp_path):
     """``clipray sweep`` with RAY_ADDRESS set runs on that cluster: each trial's two Train
     workers (1.5 CPUs each) cannot share a 2-CPU node, so every trial trains across both."""
@@ -535,7 +536,7 @@ def test_sweep_joins_a_two_node_cluster_and_trains_across_it(tmp_path):
     cluster.add_node(num_cpus=2)
     try:
         cluster.wait_for_nodes()
-        command = _tiny_sweep(
+        command = tiny_sweep(
             tmp_path,
             "name=cluster-test",
             f"storage={tmp_path / 'runs'}",  # one filesystem: every simulated node reaches it
@@ -568,7 +569,7 @@ def test_sweep_joins_a_two_node_cluster_and_trains_across_it(tmp_path):
         cluster.shutdown()
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    children = _child_runs(client)
+    children = child_runs(client)
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     assert all("agg/mean_corrupted_rsum" in r.data.metrics for r in children)
 
@@ -587,12 +588,12 @@ def test_an_incomplete_sweep_says_how_to_continue_it():
         assert all(w in first for w in words)
 
 
-@pytest.mark.ray
+@pytest.mark.slow
 def test_ctrl_c_leaves_a_sweep_to_resume_from_anywhere(tmp_path):
     """Tune takes the first Ctrl-C and stops its trials; the sweep then says it is incomplete
     (exit 1, parent run KILLED), and ``clipray resume DIR`` run from another directory
     finishes it (relative storage is found where DIR is)."""
-    command = _tiny_sweep(
+    command = tiny_sweep(
         tmp_path,
         "name=int",
         "storage=runs",  # relative to tmp_path, where the sweep starts
@@ -606,7 +607,7 @@ def test_ctrl_c_leaves_a_sweep_to_resume_from_anywhere(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     deadline = time.time() + 420
     while time.time() < deadline and proc.poll() is None:
-        runs = _child_runs(client) if (tmp_path / "runs" / "mlflow.db").exists() else []
+        runs = child_runs(client) if (tmp_path / "runs" / "mlflow.db").exists() else []
         if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
             proc.send_signal(signal.SIGINT)
             break
@@ -630,7 +631,7 @@ def test_ctrl_c_leaves_a_sweep_to_resume_from_anywhere(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     assert "finished: 1 trial in" in resumed.stdout
     assert client.get_run(parent[0].info.run_id).info.status == "FINISHED"
-    children = _child_runs(client)
+    children = child_runs(client)
     assert len(children) == 1 and all(r.info.status == "FINISHED" for r in children)
     assert not (elsewhere / "runs").exists()
 
