@@ -1,6 +1,6 @@
 """Run every benchmark, one after another in this one run, and print their tables as markdown.
 
-    python benchmarks/run_all.py [--quick] [--only perturb,corrupt,scoring,sweep]
+    python benchmarks/run_all.py [--quick] [--only perturb,corrupt,scoring,sweep,data]
 
 ``make bench`` runs this and keeps the output in ``bench_out/latest.md``; BENCHMARKS.md records
 the figures with what they mean.
@@ -21,6 +21,7 @@ BENCHES = {
     "corrupt": "Corruptions: our wrapper against imagecorruptions (scoring)",
     "scoring": "Scoring pool: actors and the corrupted-set cache (scoring)",
     "sweep": "Sweep orchestration overhead and throughput inside Ray Train (sweep)",
+    "data": "Streaming training input from WebDataset shards (core)",
 }
 
 

@@ -77,9 +77,9 @@ def test_validation_and_scoring_use_train_precision(tiny, tmp_path):
     exp, clip, split = tiny
     for precision in ("fp32", "bf16"):
         e = small_experiment(f"train.precision={precision}", f"eval.cache_dir={tmp_path}")
-        worker = ScorerWorker(e.to_dict(), load_eval_set(e), str(tmp_path))
+        worker, eval_set = ScorerWorker(e.to_dict(), str(tmp_path)), load_eval_set(e)
         blob = {"config": e.to_dict(), "model": clip.model.state_dict()}
-        scored = worker.embed_texts("request", blob)
+        scored = worker.embed_texts(eval_set, "request", blob)
         tokens = clip.tokenize(worker.eval.texts)
         assert torch.equal(scored, embed_texts(clip, tokens, e.eval.batch_size, CPU, precision))
     fp32 = clean_retrieval(clip, split, 8, CPU, "fp32")

@@ -37,7 +37,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             continue
         exp = load_experiment(path, args.set)
         space = load_space(exp.sweep.space, exp) if exp.sweep.space is not None else None
-        check_dataset(exp, largest_batch(exp, space))
+        check_dataset(exp, largest_batch(exp, space), remote=False)  # offline: no bucket
         print(f"# {path}: experiment OK")
         print(yaml.safe_dump(exp.to_dict(), sort_keys=False))
     return 0

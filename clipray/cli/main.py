@@ -63,9 +63,16 @@ def _add_run_commands(sub: Any) -> None:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_command("score", "cmd_score"))
 
-    d = _with_set(sub.add_parser("data", help="write the experiment's dataset to disk (PNG + CSV)"))
+    d = _with_set(sub.add_parser("data", help="write the experiment's dataset to disk"))
     d.add_argument("file", nargs="?", default=str(DEFAULT_SWEEP))
-    d.add_argument("--out", required=True, help="directory for images/ and <split>.csv")
+    d.add_argument("--out", required=True, help="directory for the dataset")
+    d.add_argument(
+        "--format",
+        choices=("csv", "webdataset"),
+        default="csv",
+        help="csv: images/ + <split>.csv (PNG); webdataset: <split>/NNNNN.tar shards (JPEG)",
+    )
+    d.add_argument("--per-shard", type=int, default=1000, metavar="N", help="samples per tar")
     d.set_defaults(func=_command("data", "cmd_data"))
 
 

@@ -47,13 +47,25 @@ def _absolute(base: Path, value: str, field: str, source: str) -> Path:
         raise ConfigError(f"{source}: {field}: not a usable path {brief(value)} ({e})") from None
 
 
+def is_uri(value: str) -> bool:
+    """``s3://bucket/x``, ``gs://...``: a location that is not a local path (kept as given)."""
+    return "://" in value
+
+
 def _resolve_paths(raw: dict[str, Any], base: Path, source: str) -> None:
     """Make the data/space paths of a raw config absolute relative to the file's directory."""
     data = raw.get("data")
     if isinstance(data, dict):
         for key in ("train", "val", "test", "image_root", "path"):
-            if isinstance(data.get(key), str):
+            if isinstance(data.get(key), str) and not is_uri(data[key]):
                 data[key] = str(_absolute(base, data[key], f"data.{key}", source))
+            elif isinstance(data.get(key), list):  # webdataset shard lists
+                data[key] = [
+                    str(_absolute(base, v, f"data.{key}", source))
+                    if isinstance(v, str) and not is_uri(v)
+                    else v
+                    for v in data[key]
+                ]
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("pretrained"), str):
         candidate = _absolute(base, model["pretrained"], "model.pretrained", source)

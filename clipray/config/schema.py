@@ -82,6 +82,43 @@ class KarpathyData(_Section):
         return self
 
 
+Shards = str | list[str]  # brace patterns, local paths (relative to the file) or s3:// gs:// URIs
+
+
+class WebDatasetData(_Section):
+    """img2dataset tar shards, streamed for training; val/test: small shard sets, in memory."""
+
+    kind: Literal["webdataset"] = "webdataset"
+    train: Shards
+    train_samples: int = Field(
+        ge=1,
+        description="samples per epoch (as open_clip's --train-num-samples): a shard list "
+        "is not counted up front",
+    )
+    val: Shards
+    test: Shards | None = Field(None, description="defaults to the val shards")
+    caption_field: str | None = Field(None, description="None: <key>.txt; else this .json field")
+    loader_workers: int = Field(
+        2, ge=0, le=64, description="decode processes per rank; 0: on the training thread"
+    )
+    shuffle_buffer: int = Field(1000, ge=1, description="samples mixed across a rank's shards")
+    max_skip_fraction: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="a run stops when more of the samples read between two checkpoints (an "
+        "epoch by default) were damaged; 1%: img2dataset sets lose a few to bad downloads",
+    )
+
+    @field_validator("train", "val", "test")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        items = [value] if isinstance(value, str) else value
+        if items is not None and (not items or any(not v.strip() for v in items)):
+            raise ValueError("expected a shard pattern or a non-empty list of them")
+        return value
+
+
 def _require_file(path: Path | None, field: str) -> None:
     if path is not None and not path.is_file():
         raise ValueError(f"{field}: file not found: {path}")
@@ -99,11 +136,12 @@ def data_kind(value: Any) -> str | None:
     return getattr(value, "kind", None)
 
 
-DATA_KINDS = ("synthetic", "csv", "karpathy")
+DATA_KINDS = ("synthetic", "csv", "karpathy", "webdataset")
 DataConfig = Annotated[
     Annotated[SyntheticData, Tag("synthetic")]
     | Annotated[CsvData, Tag("csv")]
-    | Annotated[KarpathyData, Tag("karpathy")],
+    | Annotated[KarpathyData, Tag("karpathy")]
+    | Annotated[WebDatasetData, Tag("webdataset")],
     Discriminator(data_kind),
 ]
 

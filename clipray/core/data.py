@@ -12,6 +12,7 @@ shared between images). Image ``i`` of a split depends only on ``(data_seed, spl
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,16 +23,18 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from clipray.config.errors import brief, brief_text
-from clipray.config.schema import CsvData, KarpathyData, SyntheticData
+from clipray.config.schema import CsvData, KarpathyData, SyntheticData, WebDatasetData
+from clipray.core.shards import Member, read_members
 
 SPLITS = ("train", "val", "test")
 
 
 @dataclass
 class CaptionedImages:
-    """One split. ``images`` is a uint8 NxHxWx3 array or a list of image files."""
+    """One split. ``images`` is a uint8 NxHxWx3 array, a list of image files or of encoded
+    images read from shards (:class:`Member`)."""
 
-    images: np.ndarray | list[Path]
+    images: np.ndarray | list[Path] | list[Member]
     captions: list[list[str]]
     name: str = ""
 
@@ -50,10 +53,8 @@ class CaptionedImages:
         """Image ``i`` as uint8 ``size x size x 3``."""
         if isinstance(self.images, np.ndarray):
             img = self.images[i]
-            return (
-                img if img.shape[:2] == (size, size) else _resize_crop(Image.fromarray(img), size)
-            )
-        return _resize_crop(_open(self.images[i]), size)
+            return img if img.shape[:2] == (size, size) else resize_crop(Image.fromarray(img), size)
+        return resize_crop(_open(self.images[i]), size)
 
     def load_all(self, size: int) -> np.ndarray:
         """All images as one uint8 ``N x size x size x 3`` array (eval sets, small datasets)."""
@@ -73,11 +74,11 @@ class CaptionedImages:
         return texts, torch.tensor(owner, dtype=torch.long)
 
 
-def _open(path: Path, how: str = "rgb") -> Image.Image:
+def _open(path: Path | Member, how: str = "rgb") -> Image.Image:
     """Image ``path`` as RGB; ``how="decode"``: only decode it (a JPEG at reduced scale, still
     every byte of its stream); ``"header"``: only read its format and size."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path.data) if isinstance(path, Member) else path) as im:
             if how == "decode":
                 im.draft("RGB", (64, 64))
                 im.load()
@@ -97,7 +98,7 @@ def _why(e: Exception) -> str:
     return "a directory" if isinstance(e, IsADirectoryError) else brief_text(e, 60)
 
 
-def _resize_crop(img: Image.Image, size: int) -> np.ndarray:
+def resize_crop(img: Image.Image, size: int) -> np.ndarray:
     """Shorter side to ``size`` (bicubic), then the centre square — open_clip's eval transform."""
     w, h = img.size
     scale = size / min(w, h)
@@ -347,10 +348,26 @@ def check_images(split: CaptionedImages, sample: int | None = None) -> None:
         raise ValueError(f"{split.name}: {e}") from None
 
 
-DATASETS: dict[str, Callable] = {"synthetic": _synthetic, "csv": _csv, "karpathy": _karpathy}
+def _webdataset(cfg: WebDatasetData, split: str) -> CaptionedImages:
+    """A shard set read into memory (encoded): the val/test splits. Training streams instead
+    (:mod:`clipray.core.stream`); reading ``train`` here is for small sets (``clipray data``)."""
+    patterns = {"train": cfg.train, "val": cfg.val, "test": cfg.test or cfg.val}[split]
+    images, captions = read_members(patterns, cfg.caption_field)
+    if not images:
+        raise ValueError(f"data.{split}: no samples in the shards {brief(str(patterns), 80)}")
+    return CaptionedImages(images, captions, f"webdataset/{split}")
 
 
-def load_split(cfg: SyntheticData | CsvData | KarpathyData, split: str) -> CaptionedImages:
+DATASETS: dict[str, Callable] = {
+    "synthetic": _synthetic,
+    "csv": _csv,
+    "karpathy": _karpathy,
+    "webdataset": _webdataset,
+}
+DataSection = SyntheticData | CsvData | KarpathyData | WebDatasetData
+
+
+def load_split(cfg: DataSection, split: str) -> CaptionedImages:
     if split not in SPLITS:
         raise ValueError(f"split: unknown split {split!r}; known: {', '.join(SPLITS)}")
     if cfg.kind not in DATASETS:

@@ -24,11 +24,13 @@ def embed_images(
     device: torch.device,
     precision: str,
 ) -> torch.Tensor:
-    """uint8 NxHxWx3 -> L2-normalised float32 embeddings on the CPU (``train.precision``)."""
-    images = torch.as_tensor(images)
+    """uint8 NxHxWx3 -> L2-normalised float32 embeddings on the CPU (``train.precision``).
+    A numpy array (a read-only memory map too) is read one batch at a time."""
     out = []
     for start in range(0, len(images), batch_size):
-        x = clip.normalize(images[start : start + batch_size].to(device))
+        batch = images[start : start + batch_size]
+        batch = torch.from_numpy(np.array(batch)) if isinstance(batch, np.ndarray) else batch
+        x = clip.normalize(batch.to(device))
         with autocast(device, precision):
             out.append(F.normalize(clip.model.encode_image(x).float(), dim=-1).cpu())
     return torch.cat(out)

@@ -9,12 +9,21 @@ and the torch RNG (PGD's random start, dropout) is reseeded from ``(seed, rank, 
 every step, so the step *is* the RNG state, for every rank. A checkpoint holds model, optimizer,
 scheduler and step; a run resumed from any checkpoint ends with the same weights as an
 uninterrupted one (on CPU; tested).
+
+Training data comes from the in-memory plan below (synthetic, CSV, Karpathy: unchanged) or, for
+``kind: webdataset``, streamed from shards and decoded in worker processes
+(:mod:`clipray.core.stream`: the same guarantees for a fixed number of ranks and decode
+processes). Each checkpoint's metrics say how long the training thread waited for its batches
+(``time/data_wait_s``, ``time/data_wait_fraction``) and, when streaming, how many damaged
+samples were skipped (``data/skipped``).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,13 +31,15 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from clipray.config.schema import Experiment
+from clipray.config.schema import Experiment, WebDatasetData
 from clipray.core import checkpoint
 from clipray.core.contrastive import SINGLE, Ranks
 from clipray.core.data import CaptionedImages, load_split
 from clipray.core.device import autocast
 from clipray.core.encode import clean_retrieval
 from clipray.core.model import ClipModel, build_model
+from clipray.core.shards import shard_list
+from clipray.core.stream import StreamSpec, epoch_batches
 from clipray.core.training_loss import ClipTrainingLoss
 
 
@@ -93,7 +104,7 @@ class Trainer:
         self,
         exp: Experiment,
         clip: ClipModel,
-        train: CaptionedImages,
+        train: CaptionedImages | StreamSpec,
         val: CaptionedImages,
         device: torch.device,
         ranks: Ranks = SINGLE,
@@ -102,16 +113,19 @@ class Trainer:
         self.train_split, self.val_split = train, val
         self.device, self.ranks = device, ranks
         self.local_batch = self.cfg.batch_size // ranks.world_size
-        self.steps_per_epoch = len(train) // self.cfg.batch_size
+        self.stream = train if isinstance(train, StreamSpec) else None
+        n = exp.data.train_samples if isinstance(exp.data, WebDatasetData) else len(train)
+        self.steps_per_epoch = n // self.cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"train.batch_size: {self.cfg.batch_size} exceeds the {len(train)} training images"
+                f"train.batch_size: {self.cfg.batch_size} exceeds the {n} training images"
             )
         self.total_steps = self.steps_per_epoch * self.cfg.epochs
-        texts, owner = train.flat_captions()
-        self.tokens = clip.tokenize(texts)
-        self.caption_start = np.searchsorted(owner.numpy(), np.arange(len(train)))
-        self.caption_count = np.bincount(owner.numpy(), minlength=len(train))
+        if isinstance(train, CaptionedImages):  # in memory: a caption table, tokenized once
+            texts, owner = train.flat_captions()
+            self.tokens = clip.tokenize(texts)
+            self.caption_start = np.searchsorted(owner.numpy(), np.arange(len(train)))
+            self.caption_count = np.bincount(owner.numpy(), minlength=len(train))
 
         self.loss = ClipTrainingLoss(clip.model, exp.perturb, self.cfg.local_loss)
         self.wrapped: torch.nn.Module = self.loss
@@ -146,6 +160,17 @@ class Trainer:
             images = torch.from_numpy(np.stack([split.image(i, self.clip.image_size) for i in idx]))
         return images, self.tokens[plan.caption[idx]]
 
+    def batches(self, epoch: int, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(images, tokens, damaged samples skipped) for steps ``first..`` of ``epoch``: from
+        the in-memory plan, or streamed from shards (decoded in worker processes)."""
+        if self.stream is None:
+            plan = self.plan(epoch)
+            for s in range(first, self.steps_per_epoch):
+                yield (*self.batch(plan, s), 0)
+            return
+        for b in epoch_batches(self.stream, epoch, first, self.clip.tokenizer):
+            yield b.images, b.tokens, b.skipped
+
     # ------------------------------------------------------------------------------------ steps
     def train_step(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         torch.manual_seed(step_seed(self.exp.seed, self.ranks.rank, self.step))
@@ -169,28 +194,52 @@ class Trainer:
         first_step_at = time.time()  # wall clock, comparable across processes: orchestration cost
         while self.step < self.total_steps:
             epoch, first = divmod(self.step, self.steps_per_epoch)
-            plan = self.plan(epoch)
             sums: dict[str, float] = {}
-            done, t0 = 0, time.perf_counter()
-            for s in range(first, self.steps_per_epoch):
-                out = self.train_step(*self.batch(plan, s))
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                done += 1
-                hooks.on_step(self.step, {f"train/{k}": float(v.detach()) for k, v in out.items()})
-                end_of_epoch = s + 1 == self.steps_per_epoch
-                every = self.cfg.checkpoint_every_steps
-                if end_of_epoch or (every and self.step % every == 0):
-                    metrics = {f"train/{k}": v / done for k, v in sums.items()}
-                    elapsed = time.perf_counter() - t0
-                    metrics["train/samples_per_s"] = done * self.cfg.batch_size / elapsed
-                    metrics["time/steps_s"] = elapsed
-                    if first_step_at is not None:
-                        metrics["time/first_step_at"], first_step_at = first_step_at, None
-                    if self._checkpoint(hooks, metrics, validate=end_of_epoch):
-                        return  # stopped early by the caller
-                    t0 = time.perf_counter()  # validation and saving are not training time
-                    sums, done = {}, 0
+            done, t0, wait, skipped = 0, time.perf_counter(), 0.0, 0
+            with closing(self.batches(epoch, first)) as batches:  # ends the stream's workers
+                for s in range(first, self.steps_per_epoch):
+                    t = time.perf_counter()
+                    images, tokens, n_skipped = next(batches)
+                    wait, skipped = wait + time.perf_counter() - t, skipped + n_skipped
+                    out = self.train_step(images, tokens)
+                    for k, v in out.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    done += 1
+                    hooks.on_step(
+                        self.step, {f"train/{k}": float(v.detach()) for k, v in out.items()}
+                    )
+                    end_of_epoch = s + 1 == self.steps_per_epoch
+                    every = self.cfg.checkpoint_every_steps
+                    if end_of_epoch or (every and self.step % every == 0):
+                        metrics = self._window(sums, done, time.perf_counter() - t0, wait, skipped)
+                        if first_step_at is not None:
+                            metrics["time/first_step_at"], first_step_at = first_step_at, None
+                        if self._checkpoint(hooks, metrics, validate=end_of_epoch):
+                            return  # stopped early by the caller
+                        t0 = time.perf_counter()  # validation and saving are not training time
+                        sums, done, wait, skipped = {}, 0, 0.0, 0
+
+    def _window(
+        self, sums: dict[str, float], done: int, elapsed: float, wait: float, skipped: int
+    ) -> dict[str, float]:
+        """Metrics of the steps since the last checkpoint; stops a run whose share of damaged
+        samples passes ``data.max_skip_fraction``."""
+        metrics = {f"train/{k}": v / done for k, v in sums.items()}
+        metrics["train/samples_per_s"] = done * self.cfg.batch_size / elapsed
+        metrics["time/steps_s"] = elapsed
+        metrics["time/data_wait_s"] = wait  # the training thread waiting for its next batch
+        metrics["time/data_wait_fraction"] = wait / elapsed
+        if self.stream is not None:
+            limit = self.exp.data.max_skip_fraction  # type: ignore[union-attr]
+            read = skipped + done * self.local_batch
+            metrics["data/skipped"] = float(skipped)
+            if skipped > limit * read:
+                raise ValueError(
+                    f"data.max_skip_fraction: {skipped} of {read} training samples read by rank "
+                    f"{self.ranks.rank} before step {self.step} were damaged (undecodable image "
+                    f"or no caption), more than {limit:g}"
+                )
+        return metrics
 
     def _checkpoint(self, hooks: Hooks, metrics: dict[str, float], validate: bool) -> bool:
         metrics = dict(metrics, step=self.step, epoch=self.step / self.steps_per_epoch)
@@ -253,9 +302,28 @@ def build_trainer(
     """Seeded model (the same on every rank), data and trainer; restored from ``resume``."""
     torch.manual_seed(exp.seed)
     clip = build_model(exp.model, device)
-    trainer = Trainer(
-        exp, clip, load_split(exp.data, "train"), load_split(exp.data, "val"), device, ranks
-    )
+    if isinstance(exp.data, WebDatasetData):
+        train: CaptionedImages | StreamSpec = stream_spec(exp, clip.image_size, ranks)
+    else:
+        train = load_split(exp.data, "train")
+    trainer = Trainer(exp, clip, train, load_split(exp.data, "val"), device, ranks)
     if resume is not None:
         trainer.load_state_dict(resume)
     return trainer
+
+
+def stream_spec(exp: Experiment, size: int, ranks: Ranks = SINGLE) -> StreamSpec:
+    """This rank's share of a webdataset training set (see :mod:`clipray.core.stream`)."""
+    data = exp.data
+    assert isinstance(data, WebDatasetData)
+    return StreamSpec(
+        shards=shard_list(data.train),
+        seed=exp.seed,
+        rank=ranks.rank,
+        world=ranks.world_size,
+        batch=exp.train.batch_size // ranks.world_size,
+        size=size,
+        caption_field=data.caption_field,
+        shuffle_buffer=data.shuffle_buffer,
+        workers=data.loader_workers,
+    )

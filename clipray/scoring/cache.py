@@ -8,6 +8,10 @@ of the image bytes); it is written to a temp file in the same directory, fsynced
 over the final name, so readers see either nothing or a whole entry, and concurrent builders of
 the same entry (which write identical bytes) can only replace one whole file by another. An
 entry that does not load, or whose manifest does not match, is rebuilt.
+
+The .npz is stored uncompressed, so its images can be read memory-mapped (``mmap=True``): the
+hash is verified by streaming the file (no pages stay resident), then the array is a read-only
+view of the file, and a scorer holding many cells keeps only the cell it is embedding resident.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import struct
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
@@ -28,7 +33,7 @@ from clipray.config.corruption_names import check_name, check_severity
 from clipray.scoring import corruptions as C
 
 # Bump when the on-disk layout changes; part of every key, so old files are simply not found.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: entries are read memory-mapped (the images member stored uncompressed)
 
 
 def fingerprint_images(images: np.ndarray) -> str:
@@ -104,20 +109,64 @@ def _write_atomic(path: Path, images: np.ndarray, manifest: dict[str, Any]) -> N
             os.close(dir_fd)
 
 
-def _read_verified(path: Path, key: EntryKey, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The entry's images if the file loads and its manifest matches key, shape and hash."""
+def map_entry(path: Path) -> np.memmap:
+    """The images of an entry as a read-only memory map (no check: see ``_read_verified``).
+    ValueError when the member is compressed or not a plain C-order array."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("images.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(f"{path}: images stored compressed")
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError(f"{path}: no zip member header")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0}
+        readers[(2, 0)] = np.lib.format.read_array_header_2_0
+        if version not in readers:
+            raise ValueError(f"{path}: .npy format {version} not supported")
+        shape, fortran, dtype = readers[version](f)
+        if fortran or dtype.hasobject:
+            raise ValueError(f"{path}: not a C-order plain array")
+        offset = f.tell()
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def _streamed_sha256(images: np.memmap) -> str:
+    """sha256 of a mapped array's bytes, read with plain reads: nothing stays resident."""
+    digest, left = hashlib.sha256(), images.nbytes
+    with open(images.filename, "rb") as f:
+        f.seek(images.offset)
+        while left > 0:
+            chunk = f.read(min(left, 1 << 22))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def _read_verified(
+    path: Path, key: EntryKey, shape: tuple[int, ...], mmap: bool = False
+) -> np.ndarray | None:
+    """The entry's images if the file loads and its manifest matches key, shape and hash
+    (``mmap``: a read-only memory map of them)."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             manifest = json.loads(str(archive["manifest"]))
-            images = archive["images"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            images = map_entry(path) if mmap else archive["images"]
+        digest = _streamed_sha256(images) if mmap else hashlib.sha256(images.data).hexdigest()
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, struct.error):
         return None
     ok = (
         isinstance(manifest, dict)
         and manifest.get("key") == key.fields_json()
         and manifest.get("shape") == list(shape) == list(images.shape)
         and manifest.get("dtype") == "uint8" == images.dtype.name
-        and manifest.get("sha256") == hashlib.sha256(images.data).hexdigest()
+        and manifest.get("sha256") == digest
     )
     return images if ok else None
 
@@ -186,8 +235,10 @@ class CorruptionCache:
         severity: int,
         seed: int,
         fingerprint: str | None = None,
+        mmap: bool = False,
     ) -> np.ndarray:
-        """The corrupted set: from disk when valid, else corrupt_batch() and store it."""
+        """The corrupted set: from disk when valid, else corrupt_batch() and store it.
+        ``mmap``: a read-only memory map of the entry on disk, also right after building it."""
         key = self.key_for(
             images,
             split=split,
@@ -197,7 +248,7 @@ class CorruptionCache:
             fingerprint=fingerprint,
         )
         path = self.entry_path(key)
-        cached = _read_verified(path, key, images.shape)
+        cached = _read_verified(path, key, images.shape, mmap)
         self.stats.last_hit = cached is not None
         if cached is not None:
             self.stats.hits += 1
@@ -213,4 +264,4 @@ class CorruptionCache:
         }
         _write_atomic(path, built, manifest)
         self.stats.builds += 1
-        return built
+        return map_entry(path) if mmap else built

@@ -9,11 +9,14 @@ once (on one worker; the coordinator ``ray.put``-s them for all), then every wor
 cells and returns plain metric dicts, merged into one flat dict in a fixed cell order, so the
 result does not depend on the number of actors.
 
-A worker that dies is restarted by Ray itself (``max_restarts``) and the calls it had in flight
-are retried on the restarted actor (``max_task_retries``); a restarted worker reloads its cells
-from the cache as they are asked for. Ray's semantics cover every case the pool needs (a worker
-killed while loading, while scoring, or between requests), so the pool keeps no replacement
-logic of its own.
+A worker (or the coordinator) that dies is restarted by Ray itself (``max_restarts``) and the
+calls it had in flight are retried on the restarted actor (``max_task_retries``); a restarted
+worker reloads its cells from the cache as they are asked for. Ray's semantics cover every case
+the pool needs (a worker killed while loading, while scoring, or between requests), so the pool
+keeps no replacement logic of its own. The coordinator loads the clean eval set and creates the
+workers itself, so it owns both; the eval set goes with every call (never as a constructor
+argument, which would have to outlive every restart), and a restarted coordinator rebuilds the
+pool from its own small, inline arguments.
 
 This is an orchestration module: it imports Ray; it never imports MLflow.
 """
@@ -21,6 +24,7 @@ This is an orchestration module: it imports Ray; it never imports MLflow.
 from __future__ import annotations
 
 import math
+import os
 import uuid
 from collections import Counter
 from collections.abc import Mapping
@@ -32,11 +36,11 @@ import torch
 from ray.exceptions import RayTaskError
 from ray.util import list_named_actors
 
+from clipray.config.loading import experiment_from_dict
 from clipray.config.schema import Experiment
 from clipray.core.checkpoint import load_checkpoint
 from clipray.core.metrics import Cell
 from clipray.scoring.plan import (
-    EvalSet,
     assign_cells,
     build_weights_model,
     cell_cost,
@@ -52,23 +56,9 @@ COORDINATOR_THREADS = 32  # concurrent score() calls served; each mostly waits o
 
 
 class _RayWorker(ScorerWorker):
-    """The worker as an actor: its stats also say whether Ray restarted it.
-
-    The clean eval set arrives boxed (``[ref]``), so Ray does not pin it as a constructor
-    argument; the coordinator holds the ref for as long as the pool lives, so a restarted
-    worker finds it.
-    """
-
-    def __init__(self, exp_dict: dict, eval_box: list, cache_dir: str) -> None:
-        super().__init__(exp_dict, ray.get(eval_box[0]), cache_dir)
-
-    def stats(self) -> dict[str, int]:
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        return {**super().stats(), "restarted": int(restarted)}
+    """The worker as an actor (its process id tells a restarted one from the first)."""
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
 
@@ -89,24 +79,21 @@ def _start_worker(exp_dict: dict, eval_ref: Any, cache_dir: str, shard: list[Cel
             max_restarts=RESTARTS,
             max_task_retries=RESTARTS,
         )
-        .remote(exp_dict, [eval_ref], cache_dir)
+        .remote(exp_dict, cache_dir)
     )
-    return actor, [actor.load_cell.remote(cell) for cell in shard]
+    return actor, [actor.load_cell.remote(eval_ref, cell) for cell in shard]
 
 
 class _Coordinator:
-    """Owns the workers; serves score() for any caller (Ray actor, threaded).
+    """Owns the eval set and the workers; serves score() for any caller (Ray actor, threaded)."""
 
-    The workers are started by :meth:`ScorerPool.create`, so that they start up while this actor
-    does.
-    """
-
-    def __init__(self, cells: list, shards: list, started: list, eval_box: list) -> None:
-        # Ray restarts a worker by re-running its constructor with the same arguments; the
-        # clean eval set is one of them, as a boxed object-store ref, so it must stay referenced.
-        self.eval_ref = eval_box[0]
-        self.cells = [tuple(c) for c in cells]
+    def __init__(self, exp_dict: dict, cache_dir: str, shards: list) -> None:
+        exp = experiment_from_dict(exp_dict)
+        self.cells = eval_cells(exp.eval)
         self.shards = [[tuple(c) for c in shard] for shard in shards]
+        # Held for the pool's life and sent with every call, so a restarted worker has it.
+        self.eval_ref = ray.put(load_eval_set(exp))
+        started = [_start_worker(exp_dict, self.eval_ref, cache_dir, s) for s in self.shards]
         self.workers = [actor for actor, _ in started]
         self.loads = [loads for _, loads in started]
 
@@ -124,9 +111,10 @@ class _Coordinator:
     def score(self, weights_box: list) -> dict[str, float]:
         weights, request = weights_box[0], uuid.uuid4().hex
         text_at = min(range(len(self.shards)), key=lambda i: sum(map(cell_cost, self.shards[i])))
-        text_ref = ray.put(_get(self.workers[text_at].embed_texts.remote(request, weights)))
+        text = self.workers[text_at].embed_texts.remote(self.eval_ref, request, weights)
+        text_ref = ray.put(_get(text))
         refs = [
-            worker.score_cells.remote(request, weights, text_ref, shard)
+            worker.score_cells.remote(self.eval_ref, request, weights, text_ref, shard)
             for worker, shard in zip(self.workers, self.shards, strict=True)
         ]
         results: dict[Cell, dict[str, float]] = {}
@@ -144,7 +132,6 @@ class _Coordinator:
             "corrupted_cells": len(self.cells) - 1,
             "actors": len(self.shards),
             "shards": [[list(c) for c in s] for s in self.shards],
-            "restarted": totals.get("restarted", 0),  # workers Ray has restarted
             **{k: totals.get(k, 0) for k in ("hits", "builds", "rejected")},
             **{k: totals.get(k, 0) for k in ("text_embeds", "checkpoint_loads", "cells_scored")},
             "per_actor": per_actor,
@@ -166,28 +153,23 @@ class ScorerPool:
         self.coordinator = coordinator
 
     @classmethod
-    def create(
-        cls, exp: Experiment, name: str | None = None, eval_set: EvalSet | None = None
-    ) -> ScorerPool:
+    def create(cls, exp: Experiment, name: str | None = None) -> ScorerPool:
         """Start the pool (loading starts at once; :meth:`ready` waits for it)."""
         cache_dir = str(resolve_cache_dir(exp))
-        cells = eval_cells(exp.eval)
-        eval_set = eval_set if eval_set is not None else load_eval_set(exp)
+        shards = [s for s in assign_cells(eval_cells(exp.eval), exp.eval.scorers.num_actors) if s]
         _check_resources(exp)
-        options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": COORDINATOR_THREADS}
+        options: dict[str, Any] = {  # restartable too: its node may be lost mid-sweep
+            "num_cpus": 0,
+            "max_concurrency": COORDINATOR_THREADS,
+            "max_restarts": RESTARTS,
+            "max_task_retries": RESTARTS,
+        }
         if name is not None:
             if name in list_named_actors():
                 raise ValueError(f"scorer pool {name!r} exists already; use ScorerPool.lookup")
             options["name"] = name
-        exp_dict, eval_ref = exp.to_dict(), ray.put(eval_set)
-        shards = [s for s in assign_cells(cells, exp.eval.scorers.num_actors) if s]
-        started = [_start_worker(exp_dict, eval_ref, cache_dir, shard) for shard in shards]
-        handle = (
-            ray.remote(_Coordinator)
-            .options(**options)
-            .remote(cells, shards, started, [eval_ref])  # boxed: the ref itself, kept alive
-        )
-        return cls(handle)
+        coordinator = ray.remote(_Coordinator).options(**options)
+        return cls(coordinator.remote(exp.to_dict(), cache_dir, shards))
 
     @classmethod
     def lookup(cls, name: str) -> ScorerPool:
@@ -257,7 +239,7 @@ def score_checkpoint(
     resolve_cache_dir(exp)
     eval_cells(exp.eval)
     build_weights_model(blob, exp.model.name)  # fits the architecture?
-    eval_set = load_eval_set(exp)
+    load_eval_set(exp)  # every image readable (the pool loads it again where it runs)
     sc = exp.eval.scorers
     if sc.gpus_per_actor > 0 and not ray.is_initialized() and not torch.cuda.is_available():
         raise ValueError("eval.scorers.gpus_per_actor: > 0 but no CUDA device is visible")
@@ -267,7 +249,7 @@ def score_checkpoint(
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     pool = None
     try:
-        pool = ScorerPool.create(exp, eval_set=eval_set)
+        pool = ScorerPool.create(exp)
         ready = pool.coordinator.ready.remote()
         with tqdm(total=len(eval_cells(exp.eval)), desc="cells", disable=not progress) as bar:
             while not ray.wait([ready], timeout=0.5)[0]:

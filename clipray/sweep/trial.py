@@ -8,7 +8,6 @@ re-run after a crash finds the same MLflow run, Train run and baseline as the fi
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -21,26 +20,12 @@ from clipray.core import storage
 from clipray.scoring.plan import with_reference
 from clipray.scoring.pool import ScorerPool
 from clipray.scoring.tables import csv_table, heatmap_png, rsum_table
+from clipray.sweep.manifest import Plan
 from clipray.sweep.ray_train import make_trainer, read_checkpoint
 from clipray.sweep.search import BASELINE_KEY, stop_marker_path
-from clipray.sweep.tracking import Runs, Tracking, flatten
+from clipray.sweep.tracking import Runs, flatten
 
 BASELINE = "baseline_metrics.json"  # the epsilon = 0 trial's scores, in the sweep directory
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Everything a trial needs to know about its sweep; plain values, picklable."""
-
-    sweep_id: str
-    directory: str  # <storage>/<name>, absolute or a URI
-    experiment: dict[str, Any]
-    space: dict[str, Any]
-    tracking: Tracking
-
-    @property
-    def pool_name(self) -> str:
-        return f"clipray-scorer-{self.sweep_id}"
 
 
 def trial_experiment(base: dict[str, Any], params: dict[str, Any]) -> Experiment:
