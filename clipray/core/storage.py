@@ -77,6 +77,49 @@ def write_text(path: str, text: str) -> None:
         f.write(text.encode())
 
 
+def listdir(path: str) -> list[str]:
+    """The names in directory ``path`` (none if it does not exist)."""
+    if not is_remote(path):
+        return sorted(p.name for p in Path(path).iterdir()) if Path(path).is_dir() else []
+    fs, p = _fs(path)
+    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+    return sorted(info.base_name for info in infos)
+
+
+def read_bytes(path: str) -> bytes:
+    if not is_remote(path):
+        return Path(path).read_bytes()
+    fs, p = _fs(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write bytes atomically (temp file + rename) on local storage; one PUT on object stores."""
+    if not is_remote(path):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    fs, p = _fs(path)
+    with fs.open_output_stream(p) as f:
+        f.write(data)
+
+
+def remove(path: str) -> None:
+    """Delete the file ``path``."""
+    if not is_remote(path):
+        Path(path).unlink(missing_ok=True)
+        return
+    fs, p = _fs(path)
+    fs.delete_file(p)
+
+
 def check_writable(path: str, field: str = "storage") -> None:
     """Create ``path`` if needed and prove a file can be written there; ValueError otherwise."""
     probe = join(path, f".clipray-write-test-{uuid.uuid4().hex}")

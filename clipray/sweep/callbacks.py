@@ -3,6 +3,9 @@ and the trial table's columns."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import pickle
 from typing import Any
 
 from ray import tune
@@ -100,6 +103,70 @@ class StorageWatch(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         storage_failure(self.directory, raise_it=True)
+
+
+TUNE_STATE = ("experiment_state-", "searcher-state-", "search_gen_state-")  # Tune's own files
+BACKUP = ".tune-state-backup"  # the last complete copy of them, in the sweep directory
+
+
+def _tune_state(directory: str) -> dict[str, bytes] | None:
+    """Tune's saved state files of a sweep, or None if any is missing or cut short."""
+    names = [n for n in storage.listdir(directory) if n.startswith(TUNE_STATE)]
+    if not any(n.startswith(TUNE_STATE[0]) for n in names):
+        return None
+    files = {n: storage.read_bytes(storage.join(directory, n)) for n in names}
+    try:
+        for name, data in files.items():
+            if name.endswith(".json"):
+                json.loads(data)
+            else:
+                pickle.loads(data)
+    except Exception:  # truncated JSON or pickle: any error means "not whole"
+        return None
+    return files
+
+
+def backup_tune_state(directory: str) -> None:
+    """Copy Tune's state files aside when they are whole (each copy written atomically)."""
+    files = _tune_state(directory)
+    for name, data in (files or {}).items():
+        storage.write_bytes(storage.join(directory, BACKUP, name), data)
+
+
+def repair_tune_state(directory: str) -> bool:
+    """Put the last whole copy of Tune's state back if the files in ``directory`` are damaged.
+
+    Tune writes them in place; storage that filled up mid-write leaves them cut short, and
+    ``Tuner.restore`` then silently starts the experiment over. Returns whether it repaired."""
+    if _tune_state(directory) is not None:
+        return False
+    backup = storage.join(directory, BACKUP)
+    saved = _tune_state(backup)
+    if saved is None:
+        return False
+    for name in storage.listdir(directory):
+        if name.startswith(TUNE_STATE):
+            storage.remove(storage.join(directory, name))
+    for name, data in saved.items():
+        storage.write_bytes(storage.join(directory, name), data)
+    return True
+
+
+class TuneStateBackup(tune.Callback):
+    """As each trial starts and ends, keep a whole copy of Tune's saved state (see repair)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def _backup(self) -> None:
+        with contextlib.suppress(OSError, ValueError):  # storage trouble: StorageWatch's job
+            backup_tune_state(self.directory)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._backup()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._backup()
 
 
 def storage_failure(directory: str, raise_it: bool = False) -> str | None:

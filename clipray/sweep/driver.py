@@ -35,6 +35,8 @@ from clipray.sweep.callbacks import (
     RetireOrphans,
     StorageWatch,
     TrialLines,
+    TuneStateBackup,
+    repair_tune_state,
     storage_failure,
     trial_table,
 )
@@ -122,6 +124,8 @@ def _tuner(exp: Experiment, space: SearchSpace, plan: Plan, resume: bool) -> tun
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, plan=plan), {"CPU": exp.sweep.cpus_per_trial}
     )
+    if resume and repair_tune_state(plan.directory):
+        print("Tune's saved state was cut short (storage full?): resuming from its last whole copy")
     if resume and tune.Tuner.can_restore(plan.directory):
         return tune.Tuner.restore(
             plan.directory, trainable, resume_unfinished=True, resume_errored=True
@@ -141,6 +145,7 @@ def _tuner(exp: Experiment, space: SearchSpace, plan: Plan, resume: bool) -> tun
             storage_path=storage.absolute(exp.storage),
             callbacks=[
                 StorageWatch(plan.directory),
+                TuneStateBackup(plan.directory),
                 RetireOrphans(plan.tracking),
                 TrialLines(exp.sweep.metric),
                 EpochsToMlflow(plan.tracking, exp.sweep.metric),

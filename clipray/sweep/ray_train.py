@@ -80,15 +80,48 @@ def worker_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     ranks = Ranks(ctx.get_world_rank(), ctx.get_world_size())
     torch.set_num_threads(config["threads"])
-    resume = None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+    recovered = checkpoint is None and config.get("resume_path") is not None
+    if recovered:  # Ray Train lost its record of this run's checkpoints (see recover_run)
+        checkpoint = Checkpoint(config["resume_path"])
+    resume = read_checkpoint(checkpoint) if checkpoint is not None else None
     if stop_requested(config.get("stop_marker"), ranks):
         return  # stopped early before a crash; the trial reads its last checkpoint
     trainer = build_trainer(exp, ray.train.torch.get_device(), ranks, resume)
-    trainer.fit(_ReportHooks(config.get("stop_marker"), ranks))
+    hooks = _ReportHooks(config.get("stop_marker"), ranks)
+    if recovered and resume is not None:  # report it again, so Ray Train's new record has it
+        hooks.on_checkpoint(resume["history"][-1], resume if ranks.rank == 0 else None)
+    trainer.fit(hooks)
+
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+
+
+def recover_run(storage_path: str, name: str) -> str | None:
+    """The newest loadable checkpoint of run ``name`` if Ray Train's record of it is damaged.
+
+    Ray Train rewrites that record in place; storage that fills up mid-write leaves it truncated,
+    and Ray then refuses to start the run again (CheckpointManagerInitializationError), so the
+    trial could never be resumed. A damaged record is removed; training continues from the
+    newest checkpoint that loads (None: from the start)."""
+    run = storage.join(storage_path, name)
+    record = storage.join(run, SNAPSHOT)
+    if not storage.exists(record):
+        return None
+    try:
+        storage.read_json(record)
+        return None
+    except ValueError:  # not JSON (truncated, empty) or not UTF-8
+        storage.remove(record)
+    best: tuple[int, str] | None = None
+    for entry in storage.listdir(run):
+        if entry.startswith("checkpoint_"):
+            try:
+                step = int(read_checkpoint(Checkpoint(storage.join(run, entry)))["step"])
+            except (ValueError, OSError):
+                continue  # written only in part
+            best = max(best or (step, entry), (step, entry))
+    return storage.join(run, best[1]) if best else None
 
 
 # Orchestration latency (BENCHMARKS.md): Ray Train's controller polls its workers every
@@ -130,6 +163,7 @@ def make_trainer(
             "experiment": exp.to_dict(),
             "threads": torch_threads(exp.train.cpus_per_worker),
             "stop_marker": stop_marker,
+            "resume_path": recover_run(storage_path, name),
         },
         scaling_config=ScalingConfig(
             num_workers=exp.train.num_workers, use_gpu=gpu, resources_per_worker=resources
