@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from tests.e2e import MlflowServer, Sweep, child_runs, tiny_sweep
+from tests.e2e import BIN, MlflowServer, Sweep, child_runs, tiny_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -266,13 +266,14 @@ class Filler:
 @pytest.mark.skipif(
     os.geteuid() != 0, reason="mounts a small filesystem: needs root (CI runs as root)"
 )
-def test_storage_filling_up_mid_sweep_stops_it_clearly_and_keeps_what_it_finished(tmp_path):
+def test_storage_filling_up_mid_sweep_stops_it_clearly_and_it_resumes_later(tmp_path):
     """The sweep's storage (its own small tmpfs) fills up during the second trial: the sweep ends
-    with one clear line and exit 1, and what it finished before is intact. (Resuming it is not
-    asserted: Tune's own state, cut short by the full disk, can make Tune start over; see
-    README, Faults survived.)"""
+    with one clear line and exit 1, what it finished is intact, and once there is room again
+    ``clipray resume`` finishes it (Ray Train's and Tune's records, cut short by the full disk,
+    are replaced: the newest loadable checkpoint, the last whole copy of Tune's state)."""
     storage = tmp_path / "storage"
     storage.mkdir()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(storage)], check=True)
     db = tmp_path / "mlflow.db"
     command = tiny_sweep(
@@ -287,7 +288,8 @@ def test_storage_filling_up_mid_sweep_stops_it_clearly_and_keeps_what_it_finishe
     sweep = None
     try:
         client = MlflowClient(f"sqlite:///{db}")
-        sweep = Sweep(command, tmp_path, dict(os.environ))
+        env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}  # its own Ray, whatever else runs
+        sweep = Sweep(command, tmp_path, env)
         train = storage / "full" / "train"  # the second trial's first checkpoint is written
         sweep.wait_for(
             lambda: len({p.parent for p in train.glob("*/checkpoint_*")}) >= 2, "trial 2"
@@ -301,8 +303,16 @@ def test_storage_filling_up_mid_sweep_stops_it_clearly_and_keeps_what_it_finishe
         assert f"clipray resume {storage / 'full'}" in stopped, stopped
         (baseline,) = [r for r in child_runs(client) if r.info.run_name.endswith("baseline")]
         assert baseline.info.status == "FINISHED" and "clean/rsum" in baseline.data.metrics
-        assert (storage / "full" / "clipray_sweep.json").exists()  # the sweep is still there
+        resumed = subprocess.run(
+            [str(BIN / "clipray"), "resume", str(storage / "full")],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+        assert "finished: 2 trials" in resumed.stdout
+        children = child_runs(client)
+        assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     finally:
         if sweep is not None and sweep.proc.poll() is None:
             sweep.kill()
         subprocess.run(["umount", "-l", str(storage)], capture_output=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

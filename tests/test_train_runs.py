@@ -57,3 +57,16 @@ def test_tunes_state_cut_short_is_replaced_by_its_last_whole_copy(tmp_path):
     assert repair_tune_state(str(sweep))
     assert {n: (sweep / n).read_bytes() for n in state} == state
     assert sorted(p.name for p in (sweep / BACKUP).iterdir()) == sorted(state)
+
+
+def test_runs_of_trials_tune_does_not_know_are_retired_and_not_listed(tmp_path):
+    from clipray.sweep.tracking import open_sweep
+    from tests.conftest import small_experiment
+
+    exp = small_experiment(f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "name=s")
+    runs = open_sweep(exp, "s-1").runs()
+    known, lost, failed = (runs.trial(t, t) for t in ("known", "lost", "failed"))
+    runs.finish(failed, "FAILED")
+    assert sorted(runs.retire_orphans({"known"})) == sorted([lost, failed])
+    assert [r["trial_id"] for r in runs.trial_rows([], [])] == ["known"]
+    assert runs.find_trial("lost") is None and runs.find_trial("known") == known

@@ -115,15 +115,18 @@ def _tune_state(directory: str) -> dict[str, bytes] | None:
     if not any(n.startswith(TUNE_STATE[0]) for n in names):
         return None
     files = {n: storage.read_bytes(storage.join(directory, n)) for n in names}
-    try:
-        for name, data in files.items():
-            if name.endswith(".json"):
-                json.loads(data)
-            else:
-                pickle.loads(data)
-    except Exception:  # truncated JSON or pickle: any error means "not whole"
-        return None
-    return files
+    return files if all(_whole(data) for data in files.values()) else None
+
+
+def _whole(data: bytes) -> bool:
+    """Whether a Tune state file parses: JSON, or a pickle (search_gen_state-*.json is one)."""
+    for load in (json.loads, pickle.loads):
+        try:
+            load(data)
+            return True
+        except Exception:  # cut short, or the other format
+            continue
+    return False
 
 
 def backup_tune_state(directory: str) -> None:

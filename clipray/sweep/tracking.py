@@ -237,19 +237,20 @@ class Runs:
         self._client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def retire_orphans(self, known_trials: set[str]) -> list[str]:
-        """Soft-delete RUNNING trial runs of this sweep whose trial Tune does not know.
+        """Soft-delete trial runs of this sweep whose trial Tune does not know.
 
-        A driver killed between opening a trial's run and saving Tune's state leaves such a run:
-        on resume Tune suggests that trial again under a new id. Deleted runs stay in the store
-        (tagged ``clipray.orphaned``, restorable) but leave the sweep's views. Returns their ids.
+        A driver killed between opening a trial's run and saving Tune's state leaves such a run,
+        and so does Tune state put back from its last whole copy after a full disk: Tune then
+        suggests that trial again under a new id. Deleted runs stay in the store (tagged
+        ``clipray.orphaned``, restorable) but leave the sweep's views. Returns their ids.
         """
-        running = f"tags.`{PARENT_TAG}` = '{self.parent}' and attributes.status = 'RUNNING'"
-        orphans = self._client.search_runs([self.tracking.experiment_id], filter_string=running)
+        mine = f"tags.`{PARENT_TAG}` = '{self.parent}'"
         retired = []
-        for run in orphans:
+        for run in self._client.search_runs([self.tracking.experiment_id], filter_string=mine):
             if run.data.tags.get(TRIAL_TAG) not in known_trials:
                 self.set_tags(run.info.run_id, {"clipray.orphaned": "not in Tune's saved state"})
-                self._client.set_terminated(run.info.run_id, status="KILLED")
+                if run.info.status == "RUNNING":
+                    self._client.set_terminated(run.info.run_id, status="KILLED")
                 self._client.delete_run(run.info.run_id)
                 retired.append(run.info.run_id)
         return retired
