@@ -226,27 +226,11 @@ class CorruptionCache:
         """Whether a valid entry exists (reads and verifies it)."""
         return self.lookup(images, **spec) is not None
 
-    def get_or_build(
-        self,
-        images: np.ndarray,
-        *,
-        split: str,
-        corruption: str,
-        severity: int,
-        seed: int,
-        fingerprint: str | None = None,
-        mmap: bool = False,
-    ) -> np.ndarray:
-        """The corrupted set: from disk when valid, else corrupt_batch() and store it.
-        ``mmap``: a read-only memory map of the entry on disk, also right after building it."""
-        key = self.key_for(
-            images,
-            split=split,
-            corruption=corruption,
-            severity=severity,
-            seed=seed,
-            fingerprint=fingerprint,
-        )
+    def get_or_build(self, images: np.ndarray, *, mmap: bool = False, **spec: Any) -> np.ndarray:
+        """The corrupted set for these images and spec (see key_for): from disk when valid, else
+        corrupt_batch() and store it. ``mmap``: a read-only memory map of the entry on disk,
+        also right after building it."""
+        key = self.key_for(images, **spec)
         path = self.entry_path(key)
         cached = _read_verified(path, key, images.shape, mmap)
         self.stats.last_hit = cached is not None
