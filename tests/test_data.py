@@ -15,21 +15,28 @@ from PIL import Image, ImageDraw
 from clipray.config.errors import ConfigError
 from clipray.config.loading import load_experiment
 from clipray.config.schema import CsvData, KarpathyData, SyntheticData
-from clipray.core.data import (
+from clipray.core.data import CaptionedImages, load_split
+from clipray.core.synthetic import (
     BACKGROUNDS,
     COLOURS,
+    LAYOUT_BACKGROUNDS,
+    MIN_CONTRAST,
+    NUMBERS,
     POSITIONS,
     SHAPES,
     SIZES,
     SPLITS,
-    CaptionedImages,
-    load_split,
+    _luma,
+    _palette,
     synthetic_image,
 )
 
 # Data-layer tests use their own sizes, not conftest's TINY: a training split of another size than
 # val and test, so a mixed-up split shows in its length.
-SMALL = SyntheticData(train_size=48, val_size=24, test_size=24)
+SMALL = SyntheticData(
+    train_size=48, val_size=24, test_size=24, captions="colour", min_shapes=1, max_shapes=2
+)  # colour captions state every fact of the pixels, so these tests can check them all
+COLOUR = SyntheticData(captions="colour", min_shapes=1)
 SHAPE_RE = re.compile(
     rf"a ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) "
     rf"({'|'.join(POSITIONS)})"
@@ -143,7 +150,9 @@ def test_one_shape_captions_match_the_pixels():
     """For 1-shape images: every pixel is the stated background or the stated colour, the shape
     sits in the stated grid cell, and its outline matches the stated kind and size best."""
     side = 96
-    cfg = SyntheticData(image_size=side, max_shapes=1, captions_per_image=1, val_size=120)
+    cfg = COLOUR.model_copy(
+        update={"image_size": side, "max_shapes": 1, "captions_per_image": 1, "val_size": 120}
+    )
     templates = {(k, s): _template_mask(k, s, side) for k in SHAPES for s in SIZES}
     data = load_split(cfg, "val")
     whole_shapes = 0
@@ -165,7 +174,9 @@ def test_one_shape_captions_match_the_pixels():
 
 
 def test_every_stated_shape_is_visible_in_multi_shape_images():
-    cfg = SyntheticData(image_size=96, max_shapes=4, captions_per_image=1, val_size=100)
+    cfg = COLOUR.model_copy(
+        update={"image_size": 96, "max_shapes": 4, "captions_per_image": 1, "val_size": 100}
+    )
     areas = {(k, s): _template_mask(k, s, 96).sum() for k in SHAPES for s in SIZES}
     data = load_split(cfg, "val")
     checked = 0
@@ -193,15 +204,53 @@ def test_few_captions_are_shared_between_images():
         flat = [c for caps in data.captions for c in caps]
         return sum(len(owners[c]) > 1 for c in flat) / len(flat)
 
-    default = SyntheticData()
-    for split in ("val", "test"):  # what is scored: 256 images each
-        assert shared_fraction(load_split(default, split)) <= 0.05, split
-    # the 2048-image training split: a contrastive batch of 64 rarely holds a repeated caption
-    assert shared_fraction(load_split(default, "train")) <= 0.25
+    for cfg in (SyntheticData(), COLOUR.model_copy(update={"max_shapes": 2})):
+        for split in ("val", "test"):  # what is scored: 256 images each
+            assert shared_fraction(load_split(cfg, split)) <= 0.05, (cfg.captions, split)
+        # the 2048-image training split: a contrastive batch of 64 rarely holds a repeated caption
+        assert shared_fraction(load_split(cfg, "train")) <= 0.25, cfg.captions
+
+
+# ------------------------------------------------------------------ synthetic: layout captions
+LAYOUT_RE = re.compile(rf"a ({'|'.join(SIZES)}) ({'|'.join(SHAPES)}) ({'|'.join(POSITIONS)})")
+
+
+def test_layout_captions_name_no_colour_and_state_count_kind_size_and_place():
+    cfg = SyntheticData(captions_per_image=5, val_size=64)
+    data = load_split(cfg, "val")
+    counts = Counter()
+    for img, caps in zip(data.images, data.captions, strict=True):
+        facts = [set(LAYOUT_RE.findall(c)) for c in caps]
+        assert all(f == facts[0] for f in facts) and len(set(caps)) == 5, caps
+        n = len(facts[0])
+        counts[n] += 1
+        words = {w.strip(",.:;") for c in caps for w in c.split()}
+        assert not words & (set(COLOURS) | set(BACKGROUNDS)), caps
+        assert NUMBERS[n] in caps[1] and NUMBERS[n] in caps[4], caps  # the count, said
+        for _, _, position in facts[0]:  # something that is not background is there
+            row, col = divmod(POSITIONS.index(position), 3)
+            cell = img[row * 64 // 3 : (row + 1) * 64 // 3, col * 64 // 3 : (col + 1) * 64 // 3]
+            assert np.abs(cell.astype(int) - cell.reshape(-1, 3).mean(0)).max() > 30, caps
+    assert set(counts) == {2, 3}  # min_shapes..max_shapes
+
+
+def test_layout_shapes_contrast_with_their_background():
+    """Colours vary but every shape stands out by at least MIN_CONTRAST luma steps, so contrast,
+    brightness and fog leave it visible (its caption stays true)."""
+    for background in LAYOUT_BACKGROUNDS:
+        palette = _palette(SyntheticData(), background)
+        assert len(palette) >= 4
+        bg = _luma(BACKGROUNDS[background])
+        assert all(abs(_luma(COLOURS[c]) - bg) >= MIN_CONTRAST for c in palette)
+
+
+def test_shape_range_is_checked():
+    with pytest.raises(ValueError, match="min_shapes .4. must not exceed max_shapes .2."):
+        SyntheticData(min_shapes=4, max_shapes=2)
 
 
 def test_captions_of_different_images_are_mostly_distinct_sets():
-    data = load_split(SyntheticData(val_size=256), "val")
+    data = load_split(COLOUR.model_copy(update={"max_shapes": 2}), "val")
     distinct = len({frozenset(_facts(c[0])[0]) | {_facts(c[0])[1]} for c in data.captions})
     assert distinct >= 0.95 * len(data)
 

@@ -22,6 +22,8 @@ from clipray.core.metrics import (
     flatten_summary,
     parse_cell_key,
     per_corruption_key,
+    query_ranks,
+    recall_from_ranks,
     recall_key,
     retrieval_recall,
     unflatten_cell_metrics,
@@ -40,7 +42,7 @@ def _rank(scores: list[float], pos: int) -> int:
     return sum(1 for c, s in enumerate(scores) if s > scores[pos] or (s == scores[pos] and c < pos))
 
 
-def brute_recall(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, ks) -> dict[str, float]:
+def brute_ranks(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor) -> tuple[list, list]:
     images, texts, owner = img.tolist(), txt.tolist(), t2i.tolist()
     sims = [[_dot(i, t) for t in texts] for i in images]
     i2t_ranks = [
@@ -49,6 +51,11 @@ def brute_recall(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, ks) ->
     t2i_ranks = [
         _rank([sims[i][j] for i in range(len(images))], owner[j]) for j in range(len(texts))
     ]
+    return i2t_ranks, t2i_ranks
+
+
+def brute_recall(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, ks) -> dict[str, float]:
+    i2t_ranks, t2i_ranks = brute_ranks(img, txt, t2i)
     out = {}
     for name, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
         for k in ks:
@@ -103,6 +110,16 @@ def test_matches_brute_force(seed: int, quantised: bool) -> None:
     ks = (1, 2, 3, 5, 10, 100)
     got = retrieval_recall(img, txt, t2i, ks=ks)
     assert got == pytest.approx(brute_recall(img, txt, t2i, ks), abs=1e-9)
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 1, 5])
+def test_query_ranks_match_brute_force_and_give_the_same_recall(chunk_size, quantised) -> None:
+    """The per-query ranks a paired bootstrap resamples: each query's own, in query order."""
+    img, txt, t2i = random_dataset(3, quantised=quantised)
+    i2t, t2i_ranks = query_ranks(img, txt, t2i, chunk_size)
+    assert (i2t.tolist(), t2i_ranks.tolist()) == brute_ranks(img, txt, t2i)
+    assert recall_from_ranks(i2t, t2i_ranks) == retrieval_recall(img, txt, t2i)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -1,4 +1,5 @@
-"""Feature-level PGD: stays in its ball, raises the loss, costs no parameter gradients."""
+"""Feature-level PGD: stays in its ball, raises the loss, costs no parameter gradients; its noise
+control: the same ball, a random direction."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from clipray.config.architectures import BUNDLED_MODELS  # noqa: F401  (registers the bundled configs)
 from clipray.config.schema import PerturbConfig
 from clipray.core.contrastive import symmetric_ce
-from clipray.core.perturb import NORMS, feature_scale, get_norm, pgd, split_at
+from clipray.core.perturb import NORMS, feature_scale, get_norm, noise, pgd, split_at
 from clipray.core.towers import split_tower
 
 
@@ -117,3 +118,42 @@ def test_batchnorm_statistics_are_untouched_by_pgd_passes(batch):
 def test_unknown_norm_lists_the_known_ones():
     with pytest.raises(ValueError, match="known: linf, l2"):
         get_norm("l1")
+
+
+# ---------------------------------------------------------------------- the noise control
+@pytest.mark.parametrize("norm", sorted(NORMS))
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+def test_noise_control_lies_on_the_same_ball_as_pgd(model, batch, norm, mode):
+    """Same norm, same radius, same layer as PGD, on the ball's boundary, with no gradient."""
+    cfg = PerturbConfig(kind="noise", layer=1, epsilon=0.2, norm=norm, epsilon_mode=mode)
+    point = _point(model, batch, "image", 1)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    delta = noise({"image": point}, cfg)["image"]
+    radius = cfg.epsilon * feature_scale(point.hidden, cfg, 0)
+    torch.testing.assert_close(get_norm(norm).measure(delta, 0), radius.expand(8, 1, 1))
+    if norm == "linf":  # every element at +-radius: a corner, where sign steps take PGD
+        torch.testing.assert_close(delta.abs(), radius.expand_as(delta))
+    assert not delta.requires_grad and all(p.grad is None for p in model.parameters())
+    torch.manual_seed(1)
+    assert not torch.equal(delta, noise({"image": point}, cfg)["image"])  # random, not fixed
+
+
+def test_noise_raises_the_loss_less_than_pgd_of_the_same_size(model, batch):
+    """What the control is for: at the same radius, the adversary finds a worse direction."""
+    objective = _objective(model, batch, "image")
+    point = _point(model, batch, "image", 2)
+    pgd_cfg = PerturbConfig(layer=2, epsilon=0.3, steps=3)
+    noise_cfg = pgd_cfg.model_copy(update={"kind": "noise"})
+    torch.manual_seed(0)
+    adversarial = pgd({"image": point}, objective, pgd_cfg)["image"]
+    random = noise({"image": point}, noise_cfg)["image"]
+    with torch.no_grad():
+        loss_at = lambda d: float(objective({"image": point.finish(d)}))  # noqa: E731
+        assert loss_at(adversarial) > loss_at(random)
+
+
+def test_noise_is_active_without_steps_and_the_baseline_stays_clean():
+    assert PerturbConfig(kind="noise", epsilon=0.1, steps=0).active
+    assert not PerturbConfig(kind="noise", epsilon=0.0).active
+    assert not PerturbConfig(kind="pgd", epsilon=0.1, steps=0).active

@@ -28,9 +28,11 @@ from clipray.sweep.manifest import MANIFEST
 from clipray.sweep.search import (
     BASELINE_KEY,
     BaselineFirst,
+    PairedSeeds,
     baseline_point,
     make_scheduler,
     make_searcher,
+    mean_result,
     objectives,
     tune_space,
 )
@@ -123,6 +125,48 @@ def test_baseline_comes_first_and_optuna_never_sees_it(tmp_path):
     resumed = restored.suggest("t3")
     assert BASELINE_KEY not in resumed  # no second baseline after a resume
     assert resumed == searcher.suggest("t3")  # Optuna goes on as if never interrupted
+
+
+def test_paired_seeds_run_every_arm_per_seed_and_optuna_sees_their_mean(tmp_path):
+    """seeds=3: each configuration (the baseline too) comes three times in a row with seeds
+    0, 1, 2 of the file's seed; Optuna hears of it once, with the mean, after its last seed."""
+    exp = small_experiment("seed=10", "sweep.seeds=3")
+    space = parse_space(SPACE, "s.yaml")
+    storage = optuna.storages.InMemoryStorage()
+    searcher = _searcher(exp, space, storage)
+    assert isinstance(searcher, PairedSeeds) and isinstance(searcher.inner, BaselineFirst)
+    configs = [searcher.suggest(f"t{i}") for i in range(3)]
+    assert [c["seed"] for c in configs] == [10, 11, 12]
+    assert all(c[BASELINE_KEY] for c in configs)
+    assert [trial_experiment(exp.to_dict(), c).seed for c in configs] == [10, 11, 12]
+    for i in range(3):
+        _tell(searcher, f"t{i}", 100.0 + i)
+    arm = [searcher.suggest(f"t{i}") for i in range(3, 6)]
+    assert BASELINE_KEY not in arm[0] and [c["seed"] for c in arm] == [10, 11, 12]
+    same = [{k: v for k, v in c.items() if k != "seed"} for c in arm]
+    assert same[0] == same[1] == same[2]  # one configuration, three seeds
+    _tell(searcher, "t3", 40.0)
+    _tell(searcher, "t4", 50.0)
+    assert _optuna_trials(storage)[0].state == optuna.trial.TrialState.RUNNING  # a seed to go
+    _tell(searcher, "t5", 90.0)
+    assert [t.value for t in _optuna_trials(storage)] == [60.0]  # the mean, once
+    path = str(tmp_path / "searcher.pkl")
+    searcher.save(path)
+    restored = _searcher(exp, space)
+    restored.restore(path)
+    assert restored.suggest("t6") == searcher.suggest("t6")  # a new arm, seed 10, as before
+
+
+def test_a_seed_without_its_objective_prunes_its_configuration():
+    exp = small_experiment("sweep.seeds=2", "sweep.baseline=false")
+    storage = optuna.storages.InMemoryStorage()
+    searcher = _searcher(exp, parse_space(SPACE, "s.yaml"), storage)
+    searcher.suggest("a"), searcher.suggest("b")
+    _tell(searcher, "a", 10.0)
+    searcher.on_trial_complete("b", {"early_stopped": 1.0})  # stopped by ASHA: no objective
+    assert _optuna_trials(storage)[0].state == optuna.trial.TrialState.PRUNED
+    assert mean_result([{"x": 1.0, "y": "s"}, {"x": 3.0}]) == {"x": 2.0}
+    assert mean_result([{"x": 1.0}, None]) is None
 
 
 def test_a_restored_searcher_keeps_optunas_history(tmp_path):

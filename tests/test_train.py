@@ -89,7 +89,9 @@ def test_clean_step_matches_a_plain_open_clip_loop():
             # The key bias cannot change attention (softmax is shift-invariant), so its gradient is
             # rounding noise that Adam rescales to full-size steps; compare its q and v parts only.
             p, q = p[: p.numel() // 3], q[: q.numel() // 3]
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+        # atol: a tenth of one Adam step (lr 1e-3). Adam rescales a gradient that is rounding
+        # noise to a full-size step: a weight whose gradient is ~0 may drift by part of one.
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -174,3 +176,24 @@ def test_objective_module_is_what_ddp_would_wrap(small_exp):
     trainer = build_trainer(small_exp, CPU)
     assert isinstance(trainer.wrapped, ClipTrainingLoss)
     assert trainer.wrapped.model is trainer.clip.model
+
+
+@pytest.mark.parametrize("tower", ["image", "text", "both"])
+def test_noise_control_trains_through_the_same_path_without_pgd(tower):
+    """kind=noise: a perturbed pass of the same size at the same layer, every parameter
+    trained by it, and a loss change smaller than PGD's from the same start."""
+    over = (
+        "perturb.epsilon=0.3",
+        "perturb.layer=1",
+        "perturb.adv_weight=1.0",
+        f"perturb.tower={tower}",
+    )
+    noisy = build_trainer(small_experiment("perturb.kind=noise", "perturb.steps=0", *over), CPU)
+    adversarial = build_trainer(small_experiment("perturb.steps=3", *over), CPU)
+    images, tokens = noisy.batch(noisy.plan(0), 0)
+    x = noisy.clip.normalize(images)
+    out = noisy.loss(x, tokens)
+    assert float(out["adv_loss"]) != float(out["clean_loss"])
+    assert float(adversarial.loss(x, tokens)["adv_loss"]) > float(out["adv_loss"])
+    out["loss"].backward()
+    assert all(p.grad is not None for p in noisy.clip.model.parameters())

@@ -1,7 +1,7 @@
 """``clipray`` command line: thin wrappers over the library and the orchestration layers.
 
-One module per command family (``check``, ``train``, ``score``, ``data``, ``sweep``); a command's
-module is imported only when that command runs, so ``clipray check`` never imports Ray.
+One module per command family (``check``, ``train``, ``score``, ``data``, ``sweep``, ``report``);
+a command's module is imported only when that command runs, so ``clipray check`` never imports Ray.
 Exit codes: 0 success, 2 bad input (one line on stderr naming the file/field), 1 anything else.
 """
 
@@ -88,12 +88,22 @@ def _add_sweep_commands(sub: Any) -> None:
     r.add_argument("directory", help="<storage>/<name> of the sweep")
     r.set_defaults(func=_command("sweep", "cmd_resume"))
 
-    r = sub.add_parser("report", help="every trial of the sweep in DIRECTORY, best first")
-    r.add_argument("directory", help="<storage>/<name> of the sweep")
+    r = sub.add_parser(
+        "report", help="a sweep's trials, best first, and its report: statistics and plots"
+    )
+    r.add_argument("directory", nargs="?", help="<storage>/<name> of the sweep")
+    r.add_argument("--tracking-uri", metavar="URI", help="read the sweep from this MLflow store")
+    r.add_argument("--sweep", metavar="NAME", help="with --tracking-uri: the sweep's id or name")
     r.add_argument(
         "--csv", metavar="OUT", help="write the CSV here (default: DIRECTORY/results.csv)"
     )
-    r.set_defaults(func=_command("sweep", "cmd_report"))
+    r.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write report.md, report.html and the plots here "
+        "(default: DIRECTORY/report; from MLflow: ./report-<sweep id>)",
+    )
+    r.set_defaults(func=_command("report", "cmd_report"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""``clipray sweep``, ``clipray resume`` and ``clipray report``: sweeps from the command line."""
+"""``clipray sweep`` and ``clipray resume``: sweeps from the command line (``clipray report``:
+:mod:`clipray.cli.report`)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,10 @@ from pathlib import Path
 from clipray.cli.main import DEFAULT_SWEEP
 from clipray.config.errors import ConfigError
 from clipray.config.loading import load_experiment
-from clipray.config.paths import check_output_file
 from clipray.config.schema import Experiment
 from clipray.config.space import SearchSpace, load_space
-from clipray.core import storage
 from clipray.sweep.driver import run_sweep
-from clipray.sweep.manifest import load_plan, saved_plan
-from clipray.sweep.report import REPORT, report
+from clipray.sweep.manifest import load_plan
 
 
 def sweep_inputs(
@@ -41,16 +39,3 @@ def cmd_resume(args: argparse.Namespace) -> int:
     """Continue the sweep stored in a directory."""
     exp, space = load_plan(args.directory)
     return 0 if run_sweep(exp, space, resume=True).complete else 1
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    """Every trial of a sweep, best first, from its MLflow runs; also writes results.csv."""
-    plan = saved_plan(args.directory)
-    if args.csv:
-        check_output_file(args.csv, "--csv")  # before MLflow is asked anything
-    table, csv_text = report(plan)
-    print(table)
-    out = args.csv or storage.join(plan.directory, REPORT)
-    storage.write_text(out, csv_text)
-    print(f"written: {out}")
-    return 0

@@ -36,6 +36,15 @@ COMMON = (
 )
 EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 GROUPS: Mapping[str, tuple[str, ...]] = {"common": COMMON, "extra": EXTRA, "all": COMMON + EXTRA}
+# ImageNet-C's four families of the common corruptions (Hendrycks & Dietterich, 2019), and the
+# 4 extra ones as a family of their own: held out, a confirmation set for what the common show.
+FAMILIES: Mapping[str, tuple[str, ...]] = {
+    "noise": COMMON[0:3],
+    "blur": COMMON[3:7],
+    "weather": COMMON[7:11],
+    "digital": COMMON[11:15],
+    "extra": EXTRA,
+}
 NAMES = COMMON + EXTRA
 # Corruptions whose output does not depend on the seed (they draw no random numbers).
 DETERMINISTIC = frozenset(

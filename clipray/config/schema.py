@@ -45,7 +45,23 @@ class SyntheticData(_Section):
     test_size: int = Field(256, ge=1, description="scored under every corruption")
     image_size: int = Field(64, ge=16, le=512, description="matches the tiny models' input size")
     captions_per_image: int = Field(2, ge=1, le=5, description="exercises multi-caption recall")
-    max_shapes: int = Field(2, ge=1, le=4, description="1..max shapes per image")
+    captions: Literal["layout", "colour"] = Field(
+        "layout",
+        description="layout: kind, size, count and position only, facts every corruption keeps "
+        "(colours vary but are not named, so a corruption is a nuisance); colour: also the "
+        "shape and background colours, which brightness, contrast, fog and frost change",
+    )
+    min_shapes: int = Field(2, ge=1, le=4, description="2: few images share a layout caption")
+    max_shapes: int = Field(3, ge=1, le=4, description="min..max shapes per image")
+
+    @model_validator(mode="after")
+    def _shape_range(self) -> SyntheticData:
+        if self.min_shapes > self.max_shapes:
+            raise ValueError(
+                f"min_shapes ({self.min_shapes}) must not exceed max_shapes ({self.max_shapes})"
+            )
+        return self
+
     data_seed: Seed = Field(1234, description="the dataset itself; independent of training seed")
 
 
@@ -156,8 +172,14 @@ class ModelConfig(_Section):
 
 # ------------------------------------------------------------------------------------- perturb
 class PerturbConfig(_Section):
-    """Feature-level PGD on the hidden states at the output of block ``layer``."""
+    """Feature-level PGD (or, as its control, random noise of the same size) on the hidden states
+    at the output of block ``layer``."""
 
+    kind: Literal["pgd", "noise"] = Field(
+        "pgd",
+        description="noise: the control for pgd — a random delta on the surface of the same "
+        "ball (same norm and radius, same layer), no gradient steps",
+    )
     tower: Literal["image", "text", "both"] = "image"
     layer: int = Field(0, description="block index; negative counts from the end like Python")
     epsilon: float = Field(0.0, ge=0.0, description="0 means clean training (the baseline)")
@@ -165,7 +187,7 @@ class PerturbConfig(_Section):
         "relative",
         description="relative: times the per-sample feature RMS, comparable across layers",
     )
-    steps: int = Field(0, ge=0, description="PGD steps; 0 means clean training")
+    steps: int = Field(0, ge=0, description="PGD steps; 0 means clean training (pgd only)")
     step_size: float | None = Field(
         None, gt=0.0, description="None: 2.5 * epsilon / steps (Madry et al.'s rule of thumb)"
     )
@@ -180,7 +202,7 @@ class PerturbConfig(_Section):
     @property
     def active(self) -> bool:
         """False when the perturbation is a no-op and training is exactly clean."""
-        return self.epsilon > 0.0 and self.steps > 0
+        return self.epsilon > 0.0 and (self.steps > 0 or self.kind == "noise")
 
     @property
     def resolved_step_size(self) -> float:
@@ -284,7 +306,16 @@ class AshaConfig(_Section):
 
 class SweepConfig(_Section):
     space: Path | None = Field(None, description="search_spaces/*.yaml; relative to this file")
-    num_samples: int = Field(4, ge=1, description="trials in total, the baseline included")
+    num_samples: int = Field(
+        4, ge=1, description="configurations in total, the baseline included (each run seeds times)"
+    )
+    seeds: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="paired seeds per configuration: seed k (the file's seed + k) gives every arm "
+        "the same initialisation and data order; Optuna sees the mean over seeds",
+    )
     max_concurrent_trials: int = Field(1, ge=1)
     metric: str = Field("agg/mean_corrupted_rsum", description="objective among scoring metrics")
     mode: Literal["max", "min"] = "max"

@@ -4,9 +4,7 @@ Every dataset kind yields :class:`CaptionedImages` per split: images (in memory,
 demand) and one or more captions per image. Images reach the model as uint8 HxWx3 at the model's
 input resolution (shorter side resized, centre-cropped), which is also where corruptions apply.
 
-The synthetic dataset draws 1..``max_shapes`` shapes of varied kind, colour, size and grid position
-on varied backgrounds; its captions name all of them, so retrieval is a real task (few captions are
-shared between images). Image ``i`` of a split depends only on ``(data_seed, split, i)``.
+The synthetic dataset (:mod:`clipray.core.synthetic`) is built in memory from its seed.
 """
 
 from __future__ import annotations
@@ -20,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from clipray.config.errors import brief, brief_text
 from clipray.config.schema import CsvData, KarpathyData, SyntheticData, WebDatasetData
 from clipray.core.shards import Member, read_members
-
-SPLITS = ("train", "val", "test")
+from clipray.core.synthetic import SPLITS, synthetic_split
 
 
 @dataclass
@@ -108,132 +105,9 @@ def resize_crop(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-# ------------------------------------------------------------------------------ synthetic shapes
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 215, 40),
-    "purple": (140, 60, 180),
-    "orange": (245, 140, 30),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-}
-BACKGROUNDS = {"gray": (128, 128, 128), "dark": (45, 45, 60), "light": (225, 215, 190)}
-SIZES = {"small": 0.11, "large": 0.17}  # radius as a fraction of the image side; fits a grid cell
-POSITIONS = [  # 3x3 grid, row-major
-    "in the top left",
-    "at the top",
-    "in the top right",
-    "on the left",
-    "in the center",
-    "on the right",
-    "in the bottom left",
-    "at the bottom",
-    "in the bottom right",
-]
-
-
-def _polygon(k: int, cx: float, cy: float, r: float, phase: float = -np.pi / 2) -> list:
-    a = phase + 2 * np.pi * np.arange(k) / k
-    return list(zip(cx + r * np.cos(a), cy + r * np.sin(a), strict=True))
-
-
-def _star(cx: float, cy: float, r: float) -> list:
-    outer, inner = _polygon(5, cx, cy, r), _polygon(5, cx, cy, r * 0.45, -np.pi / 2 + np.pi / 5)
-    return [p for pair in zip(outer, inner, strict=True) for p in pair]
-
-
-def _cross(cx: float, cy: float, r: float) -> list:
-    t = r * 0.35
-    pts = [
-        (-t, -r),
-        (t, -r),
-        (t, -t),
-        (r, -t),
-        (r, t),
-        (t, t),
-        (t, r),
-        (-t, r),
-        (-t, t),
-        (-r, t),
-        (-r, -t),
-        (-t, -t),
-    ]
-    return [(cx + x, cy + y) for x, y in pts]
-
-
-SHAPES: dict[str, Callable[[ImageDraw.ImageDraw, float, float, float, tuple], None]] = {
-    "circle": lambda d, x, y, r, c: d.ellipse((x - r, y - r, x + r, y + r), fill=c),
-    "square": lambda d, x, y, r, c: d.rectangle(
-        (x - r * 0.85, y - r * 0.85, x + r * 0.85, y + r * 0.85), fill=c
-    ),
-    "triangle": lambda d, x, y, r, c: d.polygon(_polygon(3, x, y + r * 0.2, r * 1.1), fill=c),
-    "diamond": lambda d, x, y, r, c: d.polygon(_polygon(4, x, y, r), fill=c),
-    "star": lambda d, x, y, r, c: d.polygon(_star(x, y, r * 1.1), fill=c),
-    "cross": lambda d, x, y, r, c: d.polygon(_cross(x, y, r), fill=c),
-}
-
-
-def _describe(shape: tuple[str, str, str, int]) -> str:
-    kind, colour, size, pos = shape
-    return f"a {size} {colour} {kind} {POSITIONS[pos]}"
-
-
-def _captions(shapes: list, background: str, n: int, rng: np.random.Generator) -> list[str]:
-    """``n`` distinct paraphrases of the same facts (shape order and template vary)."""
-    templates = [
-        lambda parts, bg: f"{_join(parts)} on a {bg} background",
-        lambda parts, bg: f"a {bg} background with {_join(parts)}",
-        lambda parts, bg: f"picture of {_join(parts)}, {bg} background",
-        lambda parts, bg: f"on a {bg} background: {_join(parts)}",
-        lambda parts, bg: f"{_join(parts)}; the background is {bg}",
-    ]
-    out = []
-    for k in range(n):
-        order = rng.permutation(len(shapes)) if k else np.arange(len(shapes))
-        out.append(
-            templates[k](  # a different template per caption keeps them distinct
-                [_describe(shapes[j]) for j in order], background
-            )
-        )
-    return out
-
-
-def _join(parts: list[str]) -> str:
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def synthetic_image(cfg: SyntheticData, split: str, index: int) -> tuple[np.ndarray, list[str]]:
-    """Image ``index`` of ``split`` and its captions, from ``(data_seed, split, index)`` alone."""
-    rng = np.random.default_rng([cfg.data_seed, SPLITS.index(split), index])
-    s = cfg.image_size
-    background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    img = Image.new("RGB", (s, s), BACKGROUNDS[background])
-    draw = ImageDraw.Draw(img)
-    n = int(rng.integers(1, cfg.max_shapes + 1))
-    shapes = []
-    for pos in sorted(rng.choice(len(POSITIONS), size=n, replace=False).tolist()):
-        kind = list(SHAPES)[rng.integers(len(SHAPES))]
-        colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        size = list(SIZES)[rng.integers(len(SIZES))]
-        row, col = divmod(pos, 3)
-        jitter = rng.uniform(-0.04, 0.04, size=2) * s
-        cx, cy = (col + 0.5) * s / 3 + jitter[0], (row + 0.5) * s / 3 + jitter[1]
-        SHAPES[kind](draw, cx, cy, SIZES[size] * s, COLOURS[colour])
-        shapes.append((kind, colour, size, pos))
-    pixels = np.asarray(img, dtype=np.int16) + rng.integers(-6, 7, size=(s, s, 3))  # mild texture
-    return np.clip(pixels, 0, 255).astype(np.uint8), _captions(
-        shapes, background, cfg.captions_per_image, rng
-    )
-
-
 def _synthetic(cfg: SyntheticData, split: str) -> CaptionedImages:
-    n = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}[split]
-    items = [synthetic_image(cfg, split, i) for i in range(n)]
-    return CaptionedImages(
-        np.stack([im for im, _ in items]), [c for _, c in items], f"synthetic/{split}"
-    )
+    images, captions = synthetic_split(cfg, split)
+    return CaptionedImages(images, captions, f"synthetic/{split}")
 
 
 # ------------------------------------------------------------------------------------ real data

@@ -161,23 +161,44 @@ def _best_positive_rank(scores: Tensor, positive: Tensor) -> Tensor:
     return (scores > best).sum(1) + ((scores == best) & (cols < first)).sum(1)
 
 
-def _recall_one_way(
-    queries: Tensor,
-    candidates: Tensor,
-    query_ids: Tensor,
-    candidate_ids: Tensor,
-    ks: tuple[int, ...],
-    chunk_size: int,
-) -> list[float]:
-    """Percent of queries with a positive (equal id) in the top k, per k; chunked over queries."""
-    k_col = torch.tensor(ks, device=queries.device)[:, None]
-    hits = torch.zeros(len(ks), dtype=torch.long, device=queries.device)
+def _ranks_one_way(
+    queries: Tensor, candidates: Tensor, query_ids: Tensor, candidate_ids: Tensor, chunk_size: int
+) -> Tensor:
+    """Each query's 0-based rank of its best positive (equal id); chunked over queries."""
+    out = []
     for start in range(0, queries.shape[0], chunk_size):
         stop = start + chunk_size
         scores = queries[start:stop] @ candidates.T
         positive = query_ids[start:stop, None] == candidate_ids[None, :]
-        hits += (_best_positive_rank(scores, positive)[None, :] < k_col).sum(1)
-    return [100.0 * h / queries.shape[0] for h in hits.tolist()]
+        out.append(_best_positive_rank(scores, positive))
+    return torch.cat(out)
+
+
+def recall_from_ranks(i2t: Tensor, t2i: Tensor, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """The :func:`retrieval_recall` dict from per-query ranks (what :func:`query_ranks` gives):
+    recall@K is the percent of queries whose rank is below K."""
+    ks = _check_ks(ks)
+    recalls = [100.0 * int((torch.as_tensor(r) < k).sum()) / len(r) for r in (i2t, t2i) for k in ks]
+    return dict(zip(retrieval_keys(ks), [*recalls, math.fsum(recalls)], strict=True))
+
+
+def query_ranks(
+    image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """(i2t, t2i): per image, the rank of its best-ranked caption; per caption, the rank of its
+    image (0 = top; ties as in :func:`retrieval_recall`). Paired bootstraps resample these."""
+    _check_embeddings(image_emb, text_emb, text_to_image)
+    dtype = torch.promote_types(torch.promote_types(image_emb.dtype, text_emb.dtype), torch.float32)
+    images, texts = image_emb.to(dtype), text_emb.to(dtype)
+    text_ids = text_to_image.to(device=images.device, dtype=torch.long)
+    image_ids = torch.arange(images.shape[0], device=images.device)
+    i2t = _ranks_one_way(
+        images, texts, image_ids, text_ids, chunk_size or max(1, _BLOCK_ELEMENTS // len(texts))
+    )
+    t2i = _ranks_one_way(
+        texts, images, text_ids, image_ids, chunk_size or max(1, _BLOCK_ELEMENTS // len(images))
+    )
+    return i2t.cpu(), t2i.cpu()
 
 
 def retrieval_recall(
@@ -202,27 +223,7 @@ def retrieval_recall(
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
-    dtype = torch.promote_types(torch.promote_types(image_emb.dtype, text_emb.dtype), torch.float32)
-    images, texts = image_emb.to(dtype), text_emb.to(dtype)
-    text_ids = text_to_image.to(device=images.device, dtype=torch.long)
-    image_ids = torch.arange(images.shape[0], device=images.device)
-    i2t = _recall_one_way(
-        images,
-        texts,
-        image_ids,
-        text_ids,
-        ks,
-        chunk_size or max(1, _BLOCK_ELEMENTS // texts.shape[0]),
-    )
-    t2i = _recall_one_way(
-        texts,
-        images,
-        text_ids,
-        image_ids,
-        ks,
-        chunk_size or max(1, _BLOCK_ELEMENTS // images.shape[0]),
-    )
-    return dict(zip(retrieval_keys(ks), [*i2t, *t2i, math.fsum(i2t + t2i)], strict=True))
+    return recall_from_ranks(*query_ranks(image_emb, text_emb, text_to_image, chunk_size), ks)
 
 
 # ---------------------------------------------------------------- corruption aggregates

@@ -1,4 +1,5 @@
-"""Feature-level PGD: an adversarial ``delta`` on a tower's hidden states at the output of block L.
+"""Feature-level PGD: an adversarial ``delta`` on a tower's hidden states at the output of block L;
+and its control, :func:`noise`: a random ``delta`` of the same norm and radius.
 
 Cost it should have (ARCHITECTURE.md): blocks ``0..L`` run once (in the clean pass); each PGD
 step re-runs only blocks ``L+1..N-1`` and the head on ``h_L.detach() + delta`` and takes
@@ -35,6 +36,7 @@ class Norm:
     direction: Callable[[torch.Tensor, int], torch.Tensor]  # steepest ascent for a gradient
     project: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # onto ball of radius r
     sample: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # uniform-ish in the ball
+    surface: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # random, on the boundary
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor, batch_dim: int) -> torch.Tensor:
@@ -59,6 +61,11 @@ def _l2_sample(like: torch.Tensor, radius: torch.Tensor, batch_dim: int) -> torc
     return g / _l2(g, batch_dim).clamp_min(1e-12) * radius * u.pow(1.0 / d).to(like.dtype)
 
 
+def _l2_surface(like: torch.Tensor, radius: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    g = torch.randn_like(like)
+    return g / _l2(g, batch_dim).clamp_min(1e-12) * radius
+
+
 NORMS: dict[str, Norm] = {
     "linf": Norm(
         name="linf",
@@ -66,6 +73,8 @@ NORMS: dict[str, Norm] = {
         direction=lambda g, b: g.sign(),
         project=lambda d, r, b: torch.maximum(torch.minimum(d, r), -r),
         sample=_linf_sample,
+        # a corner of the box: where sign-gradient PGD steps end up, so the same size as PGD's
+        surface=lambda like, r, b: torch.randint_like(like, 2).mul_(2).sub_(1) * r,
     ),
     "l2": Norm(
         name="l2",
@@ -73,6 +82,7 @@ NORMS: dict[str, Norm] = {
         direction=lambda g, b: g / _l2(g, b).clamp_min(1e-12),
         project=lambda d, r, b: d * (r / _l2(d, b).clamp_min(1e-12)).clamp(max=1.0),
         sample=_l2_sample,
+        surface=_l2_surface,
     ),
 }
 
@@ -154,6 +164,16 @@ def pgd(
                 step = cfg.resolved_step_size * scale[t] * norm.direction(g, b)
                 deltas[t] = norm.project(d.detach() + step, radius[t], b)
     return {t: d.detach() for t, d in deltas.items()}
+
+
+def noise(points: dict[str, SplitPoint], cfg: PerturbConfig) -> dict[str, torch.Tensor]:
+    """The control for :func:`pgd`: per tower, a random delta on the boundary of the same ball
+    (same norm, same radius, same layer), found without any gradient."""
+    out = {}
+    for t, p in points.items():
+        h, b = p.hidden.detach(), p.split.batch_dim
+        out[t] = get_norm(cfg.norm).surface(h, cfg.epsilon * feature_scale(h, cfg, b), b)
+    return out
 
 
 def split_at(split: TowerSplit, x: torch.Tensor, layer: int) -> SplitPoint:

@@ -1,11 +1,12 @@
-"""The training loss: CLIP's contrastive loss, plus feature-level PGD when it is active.
+"""The training loss: CLIP's contrastive loss, plus feature-level PGD (or its random-noise
+control) when it is active.
 
 :class:`ClipTrainingLoss` is the module DDP wraps: its ``forward`` returns the loss, so DDP sees one
 forward per step, while PGD inside it works on the *unwrapped* open_clip model and takes
 ``autograd.grad`` with respect to ``delta`` only (no parameter gradients, no DDP hooks).
 
-With the perturbation inactive (epsilon = 0 or steps = 0) ``forward`` is exactly open_clip's clean
-forward and loss — the baseline is bit-identical to clean training.
+With the perturbation inactive (epsilon = 0, or steps = 0 for PGD) ``forward`` is exactly
+open_clip's clean forward and loss — the baseline is bit-identical to clean training.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from clipray.config.schema import PerturbConfig
 from clipray.core.contrastive import Ranks, contrastive_loss, gather_all, symmetric_ce
-from clipray.core.perturb import pgd, split_at
+from clipray.core.perturb import noise, pgd, split_at
 from clipray.core.towers import split_tower
 
 ENCODERS = {"image": "encode_image", "text": "encode_text"}
@@ -61,7 +62,10 @@ class ClipTrainingLoss(nn.Module):
             gathered["image"], gathered["text"], scale, ranks, self.local_loss
         )
 
-        deltas = pgd(points, self._adversary(gathered, scale.detach(), ranks), self.perturb)
+        if self.perturb.kind == "noise":
+            deltas = noise(points, self.perturb)
+        else:
+            deltas = pgd(points, self._adversary(gathered, scale.detach(), ranks), self.perturb)
         adv = dict(clean)
         adv.update({t: F.normalize(points[t].finish(deltas[t]), dim=-1) for t in points})
         adv_gathered = {t: gather_all(f, ranks) for t, f in adv.items()}

@@ -24,6 +24,7 @@ from clipray.core.checkpoint import load_state, weights_in
 from clipray.core.data import load_split
 from clipray.core.metrics import (
     Cell,
+    cell_key,
     clean_key,
     corruption_summary,
     flatten_cell_metrics,
@@ -175,6 +176,17 @@ def flat_result(cells: Sequence[Cell], results: Mapping[Cell, Mapping[str, float
     summary = corruption_summary(results[CLEAN], corrupted)
     flat = flatten_clean(results[CLEAN]) | flatten_cell_metrics(corrupted)
     return flat | flatten_summary(summary)
+
+
+def flat_ranks(results: Mapping[Cell, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-query ranks by the key prefix of their metrics: ``clean/i2t``, ``clean/t2i``,
+    ``corrupt/<c>/s<k>/i2t``... (the RSUM of a prefix's ranks is that prefix's ``rsum``)."""
+    out = {}
+    for cell, pair in results.items():
+        for direction, ranks in zip(("i2t", "t2i"), pair, strict=True):
+            key = clean_key(direction) if cell == CLEAN else cell_key(*cell, direction)
+            out[key] = ranks
+    return out
 
 
 def with_reference(flat: Mapping[str, float], reference_flat: Mapping[str, float]) -> dict:

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 from ray.exceptions import RayTaskError
@@ -45,6 +46,7 @@ from clipray.scoring.plan import (
     build_weights_model,
     cell_cost,
     eval_cells,
+    flat_ranks,
     flat_result,
     load_eval_set,
     resolve_cache_dir,
@@ -108,7 +110,7 @@ class _Coordinator:
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
         return len(done), len(refs)
 
-    def score(self, weights_box: list) -> dict[str, float]:
+    def score(self, weights_box: list, ranks: bool = False) -> Any:
         weights, request = weights_box[0], uuid.uuid4().hex
         text_at = min(range(len(self.shards)), key=lambda i: sum(map(cell_cost, self.shards[i])))
         text = self.workers[text_at].embed_texts.remote(self.eval_ref, request, weights)
@@ -117,10 +119,11 @@ class _Coordinator:
             worker.score_cells.remote(self.eval_ref, request, weights, text_ref, shard)
             for worker, shard in zip(self.workers, self.shards, strict=True)
         ]
-        results: dict[Cell, dict[str, float]] = {}
+        results: dict[Cell, tuple] = {}
         for part in _get(refs):
             results.update(part)
-        return flat_result(self.cells, results)
+        flat = flat_result(self.cells, {cell: r[0] for cell, r in results.items()})
+        return (flat, flat_ranks({c: r[1] for c, r in results.items()})) if ranks else flat
 
     def info(self) -> dict[str, Any]:
         per_actor = _get([worker.stats.remote() for worker in self.workers])
@@ -188,17 +191,23 @@ class ScorerPool:
     def workers(self) -> list:
         return _get(self.coordinator.workers_handles.remote())
 
-    def score_async(self, weights: Mapping | ray.ObjectRef) -> ray.ObjectRef:
-        """Like :meth:`score`, returning the ObjectRef of the flat dict."""
+    def score_async(self, weights: Mapping | ray.ObjectRef, ranks: bool = False) -> ray.ObjectRef:
+        """Like :meth:`score`, returning the ObjectRef of its result."""
         if not isinstance(weights, ray.ObjectRef):
             if not isinstance(weights, Mapping):
                 raise ValueError("weights: expected a checkpoint dict or an ObjectRef to one")
             weights = ray.put({k: weights[k] for k in ("config", "model") if k in weights})
-        return self.coordinator.score.remote([weights])  # boxed: workers resolve it, not us
+        return self.coordinator.score.remote([weights], ranks)  # boxed: workers resolve it
 
     def score(self, weights: Mapping | ray.ObjectRef) -> dict[str, float]:
         """Flat clean/*, corrupt/<c>/s<k>/*, agg/* of a checkpoint dict (or a ref to one)."""
         return _get(self.score_async(weights))
+
+    def score_with_ranks(
+        self, weights: Mapping | ray.ObjectRef
+    ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """:meth:`score`, and every cell's per-query ranks (:func:`flat_ranks`)."""
+        return _get(self.score_async(weights, ranks=True))
 
     def score_file(self, path: str | Path) -> dict[str, float]:
         return self.score(load_checkpoint(Path(path)))

@@ -18,7 +18,7 @@ from clipray.config.schema import ModelConfig
 from clipray.core.checkpoint import load_state
 from clipray.core.device import torch_threads
 from clipray.core.encode import embed_images, embed_texts
-from clipray.core.metrics import Cell, retrieval_recall
+from clipray.core.metrics import Cell, query_ranks, recall_from_ranks
 from clipray.core.model import build_model
 from clipray.scoring.cache import CorruptionCache, map_entry
 from clipray.scoring.plan import CLEAN, EvalSet, weights_state
@@ -101,14 +101,19 @@ class ScorerWorker:
 
     def score_cells(
         self, eval_set: EvalSet, request: str, blob: Any, text_emb: torch.Tensor, cells: list[Cell]
-    ) -> dict[Cell, dict[str, float]]:
+    ) -> dict[Cell, tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]]:
+        """Per cell: its recall dict, and the per-query ranks it comes from (i2t, t2i)."""
         self._attach(eval_set)
         clip = self._model(request, blob)
         out = {}
         for cell in map(tuple, cells):
             images = self._images(cell)
             emb = embed_images(clip, images, self.exp.eval.batch_size, self.device, self.precision)
-            out[cell] = retrieval_recall(emb, text_emb, self.owner)
+            ranks = query_ranks(emb, text_emb, self.owner)
+            out[cell] = (
+                recall_from_ranks(*ranks),
+                tuple(r.numpy().astype(np.int32) for r in ranks),
+            )
             self.counts["cells_scored"] += 1
         if self.models.pop(request, None) is clip:  # this request is done on this worker
             self.spare.append(clip)

@@ -4,7 +4,7 @@ Ray Train, scored by the sweep's actor pool, logged to MLflow, resumable after a
 Layout on storage (``<storage>/<name>/``): Tune's experiment state, ``clipray_sweep.json`` (the
 manifest, :mod:`clipray.sweep.manifest`), ``train/<trial id>/`` (each trial's Ray Train run and
 checkpoints), ``baseline_metrics.json`` (the epsilon = 0 trial's scores, the reference for mCE),
-``best_config.yaml`` and ``results.csv``.
+``best_config.yaml``, ``results.csv`` and ``report/`` (report.md, report.html, plots).
 
 This module is the driver's sequence of steps; what runs inside each trial is
 :mod:`clipray.sweep.trial`.
@@ -48,8 +48,14 @@ from clipray.sweep.report import (
     closing_lines,
     record_best,
     report,
+    report_at_end,
 )
-from clipray.sweep.runtime import check_ray_address, check_resources, init_ray
+from clipray.sweep.runtime import (
+    check_ray_address,
+    check_resources,
+    check_storage_reach,
+    init_ray,
+)
 from clipray.sweep.search import make_scheduler, make_searcher, tune_space
 from clipray.sweep.trial import run_trial
 
@@ -89,10 +95,14 @@ def run_sweep(
     plan = check_destination(exp, space, resume)
     local = init_ray()
     check_resources(exp, ray.cluster_resources(), local)
+    check_storage_reach(exp)  # a node-local path on several nodes: refused before any write
     plan = plan or start_plan(exp, space)
     runs = plan.tracking.runs()
     runs.set_running(runs.parent)  # again, on a resume
-    out(f"sweep {plan.sweep_id}: {exp.sweep.num_samples} trials, results in {plan.directory}")
+    seeds = f" x {exp.sweep.seeds} paired seeds" if exp.sweep.seeds > 1 else ""
+    out(
+        f"sweep {plan.sweep_id}: {exp.sweep.num_samples} trials{seeds}, results in {plan.directory}"
+    )
     pool = None
     try:
         # 2. The scorer pool shared by all trials (its corrupted set comes from the cache).
@@ -136,7 +146,7 @@ def _tuner(exp: Experiment, space: SearchSpace, plan: Plan, resume: bool) -> tun
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(exp, space),
             scheduler=make_scheduler(exp, plan.directory),
-            num_samples=exp.sweep.num_samples,
+            num_samples=exp.sweep.num_samples * exp.sweep.seeds,  # Tune trial: config x seed
             max_concurrent_trials=exp.sweep.max_concurrent_trials,
             reuse_actors=True,  # no trial is killed (ASHA stops are cooperative), so reuse
         ),
@@ -177,12 +187,13 @@ def _summarise(
         best.metrics[metric] if best else None,
         best.metrics.get("checkpoint_path") if best else None,
         plan.tracking.uri,
-        expected=exp.sweep.num_samples,
+        expected=exp.sweep.num_samples * exp.sweep.seeds,
         failed=results.num_errors,
     )
     table, csv_text = report(plan)
     storage.write_text(storage.join(plan.directory, REPORT), csv_text)
     out(table)
+    report_at_end(plan, csv_text, out)  # report/ and the parent run's artifacts; never raises
     # Interrupted (Tune takes Ctrl-C and returns) or failed trials: the sweep is not finished.
     status = "FINISHED" if summary.complete else "FAILED" if summary.failed else "KILLED"
     runs.finish(runs.parent, status=status)

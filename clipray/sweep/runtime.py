@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
+from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from clipray.config.errors import ConfigError, brief
 from clipray.config.schema import Experiment
+from clipray.core import storage
 from clipray.core.device import wants_gpu
 from clipray.sweep.ray_train import TRAIN_ENV
 
@@ -151,3 +155,52 @@ def check_resources(exp: Experiment, have: dict[str, float], local: bool) -> Non
             if local:
                 raise ConfigError(message)
             print(f"warning: {message} (waiting for the autoscaler)", flush=True)
+
+
+PROBE_PREFIX = ".clipray-storage-probe-"  # a file the reach check writes and removes again
+REACH_TIMEOUT_S = 120.0  # a worker process per node: seconds, unless a node cannot start one
+
+
+def _read_probe(path: str) -> str | None:
+    """Runs on each node: the probe file's token, or None where this node does not see it."""
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def check_storage_reach(exp: Experiment) -> None:
+    """A local ``storage`` path on a cluster of several nodes must be one directory that every
+    node mounts (NFS and the like): trials on other nodes write their results and checkpoints
+    there, and a node-local path would leave them on that node's own disk, out of the sweep's
+    reach. Checked by writing a probe file (removed again) where the storage directory is, or
+    would be created, and reading it on every node. Nothing to check for remote storage
+    (``s3://``, ``gs://``) or on one node."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if storage.is_remote(exp.storage) or len(nodes) < 2:
+        return
+    path = Path(storage.absolute(exp.storage))
+    anchor = next(p for p in (path, *path.parents) if p.is_dir())  # where the sweep will write
+    probe, token = anchor / f"{PROBE_PREFIX}{secrets.token_hex(8)}", secrets.token_hex(16)
+    try:
+        probe.write_text(token)
+    except OSError as e:
+        raise ConfigError(
+            f"storage: {brief(str(path))}: cannot write in {anchor} ({e.strerror})"
+        ) from None
+    try:
+        read = ray.remote(num_cpus=0, max_retries=0)(_read_probe)
+        on = [NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in nodes]
+        seen = ray.get(
+            [read.options(scheduling_strategy=s).remote(str(probe)) for s in on],
+            timeout=REACH_TIMEOUT_S,
+        )
+    finally:
+        probe.unlink(missing_ok=True)
+    blind = [n["NodeManagerAddress"] for n, got in zip(nodes, seen, strict=True) if got != token]
+    if blind:
+        raise ConfigError(
+            f"storage: {brief(str(path))} is a node-local path: {len(blind)} of the "
+            f"{len(nodes)} nodes of this Ray cluster do not see it ({', '.join(sorted(blind))}); "
+            "use a directory every node mounts (NFS) or s3:// / gs:// storage"
+        )

@@ -3,8 +3,9 @@
 The epsilon = 0 baseline is evaluated first in every sweep, as the reference for relative
 robustness and mCE. It is not a point of the search space (epsilon = 0 is outside a log-uniform
 range), so :class:`BaselineFirst` hands it out as the first trial itself and keeps it from Optuna;
-Optuna's own trials then number ``num_samples - 1``. Its state is saved with Tune's experiment
-state, so a resumed sweep neither repeats the baseline nor loses Optuna's history.
+Optuna's own trials then number ``num_samples - 1``. With ``sweep.seeds`` > 1, :class:`PairedSeeds`
+runs every configuration (the baseline too) once per paired seed. Their state is saved with Tune's
+experiment state, so a resumed sweep neither repeats the baseline nor loses Optuna's history.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from clipray.config.space import Choice, Grid, IntRange, LogUniform, SearchSpace
 from clipray.core import storage
 
 BASELINE_KEY = "clipray.baseline"  # marks the baseline trial's config
+SEED_KEY = "seed"  # the experiment's own seed, set per trial by PairedSeeds
 CLEAN_OBJECTIVE = "clean/rsum"  # the second objective of multi-objective sweeps
 
 
@@ -124,30 +126,105 @@ class BaselineFirst(Searcher):
             self.inner.on_trial_complete(trial_id, result=result, error=error)
 
     def save(self, checkpoint_path: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            inner_path = os.path.join(tmp, "inner.pkl")
-            self.inner.save(inner_path)
-            with open(inner_path, "rb") as f:
-                inner_state = f.read()
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump({"baseline_trial": self.baseline_trial, "inner": inner_state}, f)
+        _save_wrapped(self, checkpoint_path, ("baseline_trial",))
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            state = pickle.load(f)
-        self.baseline_trial = state["baseline_trial"]
-        with tempfile.TemporaryDirectory() as tmp:
-            inner_path = os.path.join(tmp, "inner.pkl")
-            with open(inner_path, "wb") as f:
-                f.write(state["inner"])
-            self.inner.restore(inner_path)
+        _restore_wrapped(self, checkpoint_path)
 
 
-def make_searcher(exp: Experiment, space: SearchSpace) -> BaselineFirst:
+class PairedSeeds(Searcher):
+    """Runs every configuration ``inner`` suggests with ``seeds`` paired seeds, one Tune trial
+    each (seed k = ``base_seed + k``, the same for every arm); ``inner`` hears of the first trial
+    of a configuration only, once all its seeds are done, with the mean over seeds."""
+
+    def __init__(self, inner: Searcher, seeds: int, base_seed: int):
+        super().__init__(metric=inner.metric, mode=inner.mode)
+        self.inner, self.seeds, self.base_seed = inner, seeds, base_seed
+        self.open: tuple[str, dict[str, Any], int] | None = None  # (first trial, config, next k)
+        self.first_of: dict[str, str] = {}  # trial id -> the first trial of its configuration
+        self.done: dict[str, list[dict | None]] = {}  # first trial -> results of its seeds
+
+    def set_search_properties(self, metric: Any, mode: Any, config: dict, **spec: Any) -> bool:
+        return self.inner.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.open is None:
+            config = self.inner.suggest(trial_id)
+            if not isinstance(config, dict):
+                return config  # None (wait) or Searcher.FINISHED
+            self.open, self.done[trial_id] = (trial_id, config, 0), []
+        first, config, k = self.open
+        self.open = (first, config, k + 1) if k + 1 < self.seeds else None
+        self.first_of[trial_id] = first
+        return {**config, SEED_KEY: self.base_seed + k}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.first_of.get(trial_id) == trial_id:
+            self.inner.on_trial_result(trial_id, result)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        first = self.first_of.get(trial_id)
+        if first is None:
+            return
+        results = self.done[first]
+        results.append(None if error else result)
+        if len(results) == self.seeds:
+            failed = any(r is None for r in results)
+            self.inner.on_trial_complete(first, result=mean_result(results), error=failed)
+
+    def save(self, checkpoint_path: str) -> None:
+        _save_wrapped(self, checkpoint_path, ("open", "first_of", "done"))
+
+    def restore(self, checkpoint_path: str) -> None:
+        _restore_wrapped(self, checkpoint_path)
+
+
+def mean_result(results: list[dict | None]) -> dict | None:
+    """The mean over seeds of every number all of them report (None if one has no result)."""
+    if not results or any(r is None for r in results):
+        return None
+    shared = set.intersection(*(set(r) for r in results))  # type: ignore[arg-type]
+    numbers = [k for k in results[0] if k in shared and _is_number(results[0][k])]
+    return {k: sum(r[k] for r in results) / len(results) for k in numbers}  # type: ignore[index]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _save_wrapped(searcher: Any, checkpoint_path: str, fields: tuple[str, ...]) -> None:
+    """Pickle ``fields`` of a wrapping searcher together with its inner searcher's own state."""
+    with tempfile.TemporaryDirectory() as tmp:
+        inner_path = os.path.join(tmp, "inner.pkl")
+        searcher.inner.save(inner_path)
+        with open(inner_path, "rb") as f:
+            inner_state = f.read()
+    with open(checkpoint_path, "wb") as f:
+        pickle.dump({**{k: getattr(searcher, k) for k in fields}, "inner": inner_state}, f)
+
+
+def _restore_wrapped(searcher: Any, checkpoint_path: str) -> None:
+    with open(checkpoint_path, "rb") as f:
+        state = pickle.load(f)
+    inner_state = state.pop("inner")
+    for k, v in state.items():
+        setattr(searcher, k, v)
+    with tempfile.TemporaryDirectory() as tmp:
+        inner_path = os.path.join(tmp, "inner.pkl")
+        with open(inner_path, "wb") as f:
+            f.write(inner_state)
+        searcher.inner.restore(inner_path)
+
+
+def make_searcher(exp: Experiment, space: SearchSpace) -> Searcher:
+    """Optuna, behind the baseline (when there is one), behind paired seeds (when more than one)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trial table says what matters
     metric, mode = objectives(exp)
     inner = OptunaSearch(metric=metric, mode=mode, sampler=_sampler(exp, space))
-    return BaselineFirst(inner, baseline_point(exp, space) if exp.sweep.baseline else None)
+    first = BaselineFirst(inner, baseline_point(exp, space) if exp.sweep.baseline else None)
+    return PairedSeeds(first, exp.sweep.seeds, exp.seed) if exp.sweep.seeds > 1 else first
 
 
 STOP_MARKER = "EARLY_STOP.json"

@@ -13,6 +13,7 @@ ask :class:`Runs` for what they need; no MLflow client leaves this module.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -32,6 +33,7 @@ from clipray.core import storage
 
 SWEEP_TAG = "clipray.sweep_id"
 TRIAL_TAG = "clipray.trial_id"
+ARM_TAG = "clipray.arm"  # the trial's configuration without its seed (paired seeds share it)
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
@@ -88,6 +90,16 @@ def prepare_backend(uri: str) -> None:
         raise ConfigError(f"tracking.uri: cannot use {uri!r} ({first})") from None
 
 
+def existing_store(uri: str) -> str:
+    """``uri`` (absolute) of a store that is already there: a SQLite file that exists (MLflow
+    would quietly create an empty one), a server that answers."""
+    uri = _absolute_uri(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"--tracking-uri: no MLflow store at {uri}")
+    prepare_backend(uri)
+    return uri
+
+
 @dataclass(frozen=True)
 class Tracking:
     """Where a sweep logs: picklable, shared with trial processes."""
@@ -117,6 +129,30 @@ def open_sweep(exp: Experiment, sweep_id: str) -> Tracking:
         tags = {SWEEP_TAG: sweep_id, "clipray.kind": "sweep", "clipray.git_commit": git_commit()}
         run_id = client.create_run(experiment_id, run_name=exp.name, tags=tags).info.run_id
     return Tracking(uri, experiment_id, run_id)
+
+
+def find_sweep(uri: str, sweep: str) -> tuple[Tracking, str, list[str]]:
+    """A sweep's parent run in any experiment of ``uri``, by sweep id or by name (the newest of
+    that name): its Tracking, its sweep id, and the ids of older sweeps of the same name."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", sweep):
+        raise ConfigError(f"--sweep: {sweep[:60]!r} is not a sweep name or id")
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    kind = "tags.`clipray.kind` = 'sweep'"
+    found = []
+    for query in (f"tags.`{SWEEP_TAG}` = '{sweep}'", f"attributes.run_name = '{sweep}'"):
+        if ids and not found:
+            order = ["attributes.start_time DESC"]
+            found = client.search_runs(ids, f"{kind} and {query}", order_by=order)
+    if not found:
+        raise ConfigError(f"--sweep: no sweep {sweep!r} in the MLflow store {uri}")
+    run = found[0]
+    tracking = Tracking(uri, run.info.experiment_id, run.info.run_id)
+    return (
+        tracking,
+        run.data.tags.get(SWEEP_TAG, sweep),
+        [r.data.tags.get(SWEEP_TAG, r.info.run_id) for r in found[1:]],
+    )
 
 
 def _find_run(client: MlflowClient, experiment_id: str, tag: str, value: str) -> str | None:
@@ -233,6 +269,15 @@ class Runs:
                     path.write_bytes(content)
             self._client.log_artifacts(run_id, tmp)
 
+    def artifact_bytes(self, run_id: str, name: str) -> bytes | None:
+        """The content of one of a run's artifacts; None when the run has no such file."""
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = self._client.download_artifacts(run_id, name, dst_path=tmp)
+            except (MlflowException, OSError):
+                return None
+            return Path(path).read_bytes() if Path(path).is_file() else None
+
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         self._client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
@@ -257,7 +302,8 @@ class Runs:
 
     def trial_rows(self, params: Sequence[str], metrics: Sequence[str]) -> list[dict[str, Any]]:
         """Every trial run of the sweep as a plain row: trial_id, trial (the run name), status,
-        the given params ("" when absent) and metrics (NaN when absent)."""
+        arm (its tag, "" when absent), the given params ("" when absent) and metrics (NaN when
+        absent)."""
         runs = self._client.search_runs(
             [self.tracking.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent}'"
         )
@@ -266,6 +312,7 @@ class Runs:
                 "trial_id": run.data.tags.get(TRIAL_TAG, ""),
                 "trial": run.info.run_name,
                 "status": run.info.status,
+                "arm": run.data.tags.get(ARM_TAG, ""),
                 **{p: run.data.params.get(p, "") for p in params},
                 **{k: run.data.metrics.get(k, float("nan")) for k in metrics},
             }

@@ -7,9 +7,11 @@ re-run after a crash finds the same MLflow run, Train run and baseline as the fi
 
 from __future__ import annotations
 
+import io
 import time
 from typing import Any
 
+import numpy as np
 import ray
 import yaml
 from ray import tune
@@ -22,15 +24,21 @@ from clipray.scoring.pool import ScorerPool
 from clipray.scoring.tables import csv_table, heatmap_png, rsum_table
 from clipray.sweep.manifest import Plan
 from clipray.sweep.ray_train import make_trainer, read_checkpoint
-from clipray.sweep.search import BASELINE_KEY, stop_marker_path
-from clipray.sweep.tracking import Runs, flatten
+from clipray.sweep.search import BASELINE_KEY, SEED_KEY, stop_marker_path
+from clipray.sweep.tracking import ARM_TAG, Runs, flatten
 
 BASELINE = "baseline_metrics.json"  # the epsilon = 0 trial's scores, in the sweep directory
+RANKS = "ranks"  # <sweep>/ranks/<trial id>.npz: per-query ranks of every cell (paired bootstraps)
+
+
+def baseline_file(base_seed: int, seed: int) -> str:
+    """The baseline's scores for paired seed ``seed`` (the sweep's own seed: ``BASELINE``)."""
+    return BASELINE if seed == base_seed else f"baseline_metrics-seed{seed}.json"
 
 
 def trial_experiment(base: dict[str, Any], params: dict[str, Any]) -> Experiment:
     """The sweep's experiment with this trial's sampled values at their dotted paths."""
-    values = {path: value for path, value in params.items() if path != BASELINE_KEY}
+    values = {path: value for path, value in params.items() if path != BASELINE_KEY}  # seed too
     return experiment_from_dict(with_values(base, values), "trial config")
 
 
@@ -43,6 +51,7 @@ def run_trial(params: dict[str, Any], plan: Plan) -> None:
     runs = plan.tracking.runs()
     run_id = runs.trial(trial_id, trial_label(trial_id, params))
     runs.log_params(run_id, {**flatten(exp.to_dict()), "trial_id": trial_id})
+    runs.set_tags(run_id, {ARM_TAG: arm_label(params), "clipray.seed": str(exp.seed)})
     marker = stop_marker_path(plan.directory, trial_id)
     try:
         # 2. Train; a re-run of this trial continues from its own latest checkpoint.
@@ -63,11 +72,13 @@ def run_trial(params: dict[str, Any], plan: Plan) -> None:
             tune.report({**report, "early_stopped": 1.0})
             return
         # 3. Score the final weights on every corruption x severity with the shared pool.
-        flat = ScorerPool.lookup(plan.pool_name).score(ray.put(blob))
-        flat = _with_baseline(flat, plan, is_baseline=bool(params.get(BASELINE_KEY)))
+        flat, ranks = ScorerPool.lookup(plan.pool_name).score_with_ranks(ray.put(blob))
+        flat = _with_baseline(flat, plan, exp.seed, is_baseline=bool(params.get(BASELINE_KEY)))
         clock["score"] = time.time()
         # 4. Log the scores and artifacts; 5. report them to Tune (the objective among them).
-        _log_trial_artifacts(runs, run_id, exp, flat, checkpoint, trial_id)
+        ranks_npz = npz_bytes(ranks)
+        storage.write_bytes(storage.join(plan.directory, RANKS, f"{trial_id}.npz"), ranks_npz)
+        _log_trial_artifacts(runs, run_id, exp, flat, checkpoint, trial_id, ranks_npz)
         clock["end"] = time.time()
         flat.update(timings(clock, blob["history"]))
         runs.log_metrics(run_id, flat, int(blob["step"]))  # once: a re-run after a crash skips
@@ -125,21 +136,40 @@ def trial_label(trial_id: str, params: dict[str, Any]) -> str:
 
 
 def describe(params: dict[str, Any]) -> str:
-    """``baseline``, or the sampled values by their last name: ``epsilon=0.05, layer=2``."""
+    """``baseline``, or the sampled values by their last name: ``epsilon=0.05, layer=2``; with
+    paired seeds, the seed last: ``baseline, seed=1``."""
+    seed = f"seed={params[SEED_KEY]}" if SEED_KEY in params else ""
+    return ", ".join(p for p in (arm_label(params), seed) if p)
+
+
+def arm_label(params: dict[str, Any]) -> str:
+    """The configuration without its seed: what paired seeds of one arm share."""
     if params.get(BASELINE_KEY):
         return "baseline"
     return ", ".join(
-        f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sorted(params.items()) if k != BASELINE_KEY
+        f"{k.split('.')[-1]}={_fmt(v)}"
+        for k, v in sorted(params.items())
+        if k not in (BASELINE_KEY, SEED_KEY)
     )
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """``arrays`` as the bytes of a compressed ``.npz``."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
 
 
 def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _with_baseline(flat: dict[str, float], plan: Plan, is_baseline: bool) -> dict[str, float]:
-    """Add mCE-style aggregates against the baseline; the baseline trial publishes itself."""
-    path = storage.join(plan.directory, BASELINE)
+def _with_baseline(
+    flat: dict[str, float], plan: Plan, seed: int, is_baseline: bool
+) -> dict[str, float]:
+    """Add mCE-style aggregates against the baseline of the same paired seed; the baseline
+    trial publishes itself."""
+    path = storage.join(plan.directory, baseline_file(plan.experiment["seed"], seed))
     if is_baseline and not storage.exists(path):
         storage.write_json(path, flat)
     if storage.exists(path):
@@ -154,10 +184,12 @@ def _log_trial_artifacts(
     flat: dict[str, float],
     checkpoint_path: str,
     trial_id: str,
+    ranks_npz: bytes,
 ) -> None:
     runs.log_artifacts(
         run_id,
         {
+            "query_ranks.npz": ranks_npz,
             "config.yaml": yaml.safe_dump(exp.to_dict(), sort_keys=False),
             "metrics.md": rsum_table(flat) + "\n",
             "metrics.csv": csv_table(flat),

@@ -1,0 +1,293 @@
+"""The sweep report: its numbers are the logged metrics (from a sweep directory and from a real
+MLflow server), its bootstrap intervals cover at their nominal rate, Holm's correction is the
+textbook one, and a sweep with nothing (or no baseline, or one seed) to compare says so."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from clipray.analysis import stats
+from clipray.analysis.results import CLEAN, CORRUPTED, arm_label, read_results_csv
+from clipray.analysis.stats import Design, bootstrap, holm, pareto_front, rsum_from_ranks
+from clipray.analysis.study_report import (
+    NO_BASELINE,
+    NO_INTERVALS,
+    NO_RANKS,
+    NO_TRIAL,
+    ONE_SEED,
+    SweepInputs,
+    build_report,
+)
+from clipray.config.corruption_names import FAMILIES
+from clipray.scoring.tables import trials_csv
+from clipray.sweep.manifest import Plan
+from clipray.sweep.tracking import Tracking
+from tests.conftest import small_experiment
+from tests.sweep_results import ARMS, CELLS, SPACE, npz_bytes, sweep_rows
+
+RESAMPLES = 400  # enough for the checks here; the report's default is stats.RESAMPLES
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    """4 arms x 2 seeds: rows as results.csv holds them, and each trial's ranks."""
+    return sweep_rows(seeds=(0, 1))
+
+
+def _inputs(rows, ranks, **change) -> SweepInputs:
+    return replace(SweepInputs("s-1", "here", rows, ranks, SPACE), **change)
+
+
+def _family_rsum(row: dict, family: str) -> float:
+    cells = [f"corrupt/{c}/s{s}/rsum" for c, s in CELLS if c in FAMILIES[family]]
+    return float(np.mean([row[k] for k in cells]))
+
+
+def _logged(row: dict, endpoint: str) -> float:
+    """What the sweep logged for an endpoint of the report."""
+    if endpoint == CLEAN:
+        return row["clean/rsum"]
+    if endpoint == CORRUPTED:
+        return row["agg/mean_corrupted_rsum"]
+    return _family_rsum(row, endpoint)
+
+
+def check_against_rows(effects: stats.Effects, rows: list[dict]) -> None:
+    """Every level is the mean over seeds of the logged RSUM, every change the mean over seeds
+    of (arm - baseline), to float32 rounding."""
+    base = {r["seed"]: r for r in rows if r["arm"] == "baseline"}
+    for a, arm in enumerate(effects.arms):
+        mine = [r for r in rows if r["arm"] == arm]
+        for e, endpoint in enumerate(effects.endpoints):
+            level = np.mean([_logged(r, endpoint) for r in mine])
+            assert effects.level[a, e] == pytest.approx(level, abs=1e-3), (arm, endpoint)
+            if arm != "baseline":
+                diff = [_logged(r, endpoint) - _logged(base[r["seed"]], endpoint) for r in mine]
+                assert effects.change[a, e] == pytest.approx(np.mean(diff), abs=1e-3)
+
+
+def test_rsum_from_ranks_is_the_logged_rsum(sweep):
+    rows, ranks = sweep
+    for row in rows:
+        r = ranks[row["trial_id"]]
+        assert rsum_from_ranks(r["clean/i2t"], r["clean/t2i"]) == pytest.approx(
+            row["clean/rsum"], abs=1e-4
+        )
+        for c, s in CELLS:
+            prefix = f"corrupt/{c}/s{s}"
+            got = rsum_from_ranks(r[f"{prefix}/i2t"], r[f"{prefix}/t2i"])
+            assert got == pytest.approx(row[f"{prefix}/rsum"], abs=1e-4)
+
+
+def test_the_report_from_a_sweep_directory_shows_the_logged_numbers(sweep, tmp_path):
+    from clipray.sweep.report import RANKS_DIR, REPORT, write_study_report
+
+    rows, ranks = sweep
+    directory = tmp_path / "s"
+    (directory / RANKS_DIR).mkdir(parents=True)
+    keys = list(rows[0])
+    csv_text = trials_csv(rows, keys)
+    (directory / REPORT).write_text(csv_text)
+    for trial_id, r in ranks.items():
+        (directory / RANKS_DIR / f"{trial_id}.npz").write_bytes(npz_bytes(r))
+    nowhere = Tracking("sqlite:////nonexistent/m.db", "0", "none")  # no MLflow: runs=None
+    plan = Plan("s-1", str(directory), small_experiment("name=s").to_dict(), SPACE, nowhere)
+    where, built = write_study_report(plan, csv_text)
+    assert where == str(directory / "report") and built.notes == []
+    check_against_rows(built.effects, read_results_csv(csv_text))
+    files = {p.name for p in (directory / "report").iterdir()}
+    assert {"report.md", "report.html", "rsum_vs_epsilon.png", "change_heatmap.png"} <= files
+    assert {"pareto.png", "importances.png"} <= files
+    html = (directory / "report" / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 4 and 'src="http' not in html
+    md = (directory / "report" / "report.md").read_text()
+    worse = built.effects.arms.index(arm_label(ARMS["worse"][0]))
+    assert f"{built.effects.level[worse, 0]:.1f} [" in md  # the table shows the level
+    assert "distinguishable" in md and "(held out)" in md
+
+
+def test_bootstrap_intervals_cover_a_known_mean_at_their_nominal_rate():
+    """500 simulated evaluations of a baseline and an arm on the same queries, each query's
+    (baseline, arm) score drawn from a known joint distribution: the 95 % interval of the RSUM
+    change covers the true change in 95 % of them, within 3 binomial standard errors."""
+    rng = np.random.default_rng(7)
+    scores = np.array([(b, a) for b in range(4) for a in range(4)], np.float32)
+    joint = rng.dirichlet(np.ones(16))  # P(baseline score = b, arm score = a) per query
+    truth = 2 * 100 * float(joint @ (scores[:, 1] - scores[:, 0]))  # both directions alike
+    n, datasets, covered = 150, 500, 0
+    for k in range(datasets):
+        pairs = {d: scores[rng.choice(16, size=n, p=joint)] for d in ("i2t", "t2i")}
+        arrays = {d: pairs[d].T[:, None, None, :] for d in pairs}  # (arm, seed, endpoint, q)
+        design = Design(
+            ("b", "a"), (0,), ("clean",), arrays["i2t"], arrays["t2i"], np.ones((2, 1), bool)
+        )
+        effects = bootstrap(design, has_baseline=True, resamples=RESAMPLES, seed=k)
+        covered += effects.low[1, 0] <= truth <= effects.high[1, 0]
+    tolerance = 3 * math.sqrt(0.95 * 0.05 / datasets)
+    assert abs(covered / datasets - 0.95) <= tolerance, covered / datasets
+
+
+def test_holm_against_a_hand_worked_example():
+    # sorted: 0.005 x4 = 0.02; 0.01 x3 = 0.03; 0.03 x2 = 0.06; 0.04 x1 = 0.04 -> max(0.06, 0.04)
+    got = holm([0.01, 0.04, 0.03, 0.005])
+    assert got == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    with_gap = holm([0.01, float("nan"), 0.5])  # NaN: not a test (m = 2)
+    assert with_gap[0] == pytest.approx(0.02) and math.isnan(with_gap[1])
+    assert with_gap[2] == pytest.approx(0.5)
+    assert holm([0.3, 0.4]) == pytest.approx([0.6, 0.6])  # monotone, capped at 1 below
+    assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
+
+
+def test_the_report_applies_holm_across_arms_and_labels_each_effect(sweep):
+    rows, ranks = sweep
+    effects = build_report(_inputs(rows, ranks), resamples=RESAMPLES).effects
+    for e in range(len(effects.endpoints)):
+        assert np.allclose(effects.p_holm[1:, e], holm(effects.p[1:, e]))
+    assert np.array_equal(effects.distinguishable, np.nan_to_num(effects.p_holm, nan=1) < 0.05)
+    worse = effects.arms.index(arm_label(ARMS["worse"][0]))
+    same = effects.arms.index(arm_label(ARMS["weak"][0]))  # trained like the baseline
+    clean = effects.endpoints.index(CLEAN)
+    assert effects.distinguishable[worse, clean] and effects.high[worse, clean] < 0
+    assert not effects.distinguishable[same].any() and effects.change[same] == pytest.approx(0)
+
+
+def test_a_sweep_with_no_finished_trial_says_so_and_still_lists_its_trials(sweep):
+    rows, ranks = sweep
+    running = [{**r, "status": "RUNNING", "clean/rsum": float("nan")} for r in rows[:3]]
+    built = build_report(_inputs(running, {}))
+    assert built.notes == [NO_TRIAL] and built.effects is None and built.images == {}
+    assert NO_TRIAL in built.markdown and "## Every trial" in built.markdown
+    assert built.markdown.count("| RUNNING |") == 3 and NO_TRIAL in built.html
+
+
+def test_a_sweep_without_a_baseline_shows_levels_and_no_changes(sweep):
+    rows, ranks = sweep
+    rest = [r for r in rows if r["arm"] != "baseline"]
+    built = build_report(_inputs(rest, ranks), resamples=RESAMPLES)
+    assert built.notes == [NO_BASELINE]
+    effects = built.effects
+    assert "baseline" not in effects.arms and np.isnan(effects.change).all()
+    assert np.isfinite(effects.level_low).all() and not effects.distinguishable.any()
+    assert {"rsum_vs_epsilon.png", "pareto.png"} <= set(built.images)
+    assert "change_heatmap.png" not in built.images  # nothing to show a change against
+    assert NO_BASELINE in built.markdown
+
+
+def test_one_seed_or_no_ranks_are_said_and_the_rest_is_shown(sweep):
+    rows, ranks = sweep
+    seed0 = [r for r in rows if r["seed"] == 0]
+    one = build_report(_inputs(seed0, ranks), resamples=RESAMPLES)
+    assert one.notes == [ONE_SEED] and np.isfinite(one.effects.low[1:]).all()
+    check_against_rows(one.effects, seed0)
+    no_ranks = build_report(_inputs(rows, {}), resamples=RESAMPLES)
+    assert no_ranks.notes == [NO_RANKS]  # seeds resampled, numbers from the logged metrics
+    check_against_rows(no_ranks.effects, rows)
+    neither = build_report(_inputs(seed0, {}), resamples=RESAMPLES)
+    assert neither.notes == [NO_INTERVALS]
+    partial = {k: v for k, v in ranks.items() if k != rows[-1]["trial_id"]}
+    some = build_report(_inputs(rows, partial), resamples=RESAMPLES)
+    assert len(some.notes) == 1 and rows[-1]["trial_id"] in some.notes[0]
+
+
+def test_ranks_that_disagree_with_the_metrics_are_named(sweep):
+    rows, ranks = sweep
+    swapped = {**ranks, rows[0]["trial_id"]: ranks[rows[-1]["trial_id"]]}
+    built = build_report(_inputs(rows, swapped), resamples=RESAMPLES)
+    assert any(rows[0]["trial_id"] in n and "its metrics" in n for n in built.notes)
+
+
+def test_arm_labels_and_the_pareto_front():
+    assert arm_label({"perturb.epsilon": 0.0, "perturb.layer": 2}) == "baseline"
+    assert arm_label({"perturb.epsilon": "0", "seed": 3}) == "baseline"
+    label = arm_label({"perturb.tower": "image", "perturb.epsilon": 0.0031622, "seed": 1})
+    assert label == "epsilon=0.00316, tower=image"
+    assert pareto_front([1, 2, 3, 2], [3, 2, 1, 1]) == [0, 1, 2]
+    assert pareto_front([1, 1, float("nan")], [1, 0, 5]) == [0]
+
+
+def test_a_report_that_fails_at_the_end_of_a_sweep_is_one_line_not_a_failure(sweep, tmp_path):
+    from clipray.sweep.report import report_at_end
+
+    rows, _ = sweep
+    (tmp_path / "blocker").write_text("a file where the sweep directory should be")
+    tracking = Tracking("http://127.0.0.1:9", "0", "none")  # never reached: writing fails first
+    plan = Plan("s-1", str(tmp_path / "blocker" / "s"), {}, SPACE, tracking)
+    lines: list[str] = []
+    report_at_end(plan, trials_csv(rows, list(rows[0])), lines.append)
+    assert len(lines) == 1 and lines[0].startswith("report not written: "), lines
+
+
+def _mlflow_rows(uri: str) -> list[dict]:
+    """Each trial as MLflow holds it: its arm and seed from its params, its metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.e2e import child_runs
+
+    out = []
+    for run in child_runs(MlflowClient(uri)):
+        params = {k: float(run.data.params[k]) for k in ("perturb.epsilon", "perturb.layer")}
+        params["perturb.kind"] = run.data.params["perturb.kind"]
+        seed = int(run.data.params["seed"])
+        out.append({"arm": arm_label(params), "seed": seed, **run.data.metrics})
+    return out
+
+
+@pytest.mark.slow
+def test_the_report_from_mlflow_shows_mlflow_numbers_and_lands_on_the_parent_run(
+    sweep, tmp_path, mlflow_server, monkeypatch, capsys
+):
+    """Trials logged with the project's Runs API on a real server; ``clipray report`` from the
+    tracking URI alone and from the sweep directory (ranks from MLflow: no ranks/ there)."""
+    from mlflow.tracking import MlflowClient
+
+    from clipray.cli.main import main
+    from clipray.config.space import parse_space
+    from clipray.sweep.manifest import start_plan
+    from clipray.sweep.report import RANKS_ARTIFACT, plan_from_mlflow, report, study_inputs
+    from clipray.sweep.tracking import flatten
+
+    rows, ranks = sweep
+    monkeypatch.chdir(tmp_path)
+    runs_dir = tmp_path / "runs"
+    exp = small_experiment("name=s", f"storage={runs_dir}", f"tracking.uri={mlflow_server}")
+    plan = start_plan(exp, parse_space(SPACE, "test space"))
+    runs = plan.tracking.runs()
+    for row in rows:
+        run_id = runs.trial(row["trial_id"], row["trial"])
+        values = {**flatten(exp.to_dict()), **{k: row[k] for k in SPACE}, "seed": row["seed"]}
+        runs.log_params(run_id, values)
+        runs.log_metrics(run_id, {k: v for k, v in row.items() if "/" in k}, 10)
+        runs.log_artifacts(run_id, {RANKS_ARTIFACT: npz_bytes(ranks[row["trial_id"]])})
+        runs.finish(run_id)
+
+    found, older = plan_from_mlflow(mlflow_server, "s")
+    assert found.tracking == plan.tracking and found.space == SPACE and older == []
+    _, csv_text = report(found)
+    built = build_report(study_inputs(found, csv_text, found.tracking.runs(), False), RESAMPLES)
+    assert built.notes == []
+    check_against_rows(built.effects, _mlflow_rows(mlflow_server))
+
+    out = tmp_path / "out"
+    assert main(["report", "--tracking-uri", mlflow_server, "--sweep", "s", "--out", str(out)]) == 0
+    assert {"results.csv", "report.md", "report.html", "pareto.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    saved = read_results_csv((out / "results.csv").read_text())
+    assert sorted((r["arm"], r["seed"]) for r in saved) == sorted(
+        (r["arm"], r["seed"]) for r in rows
+    )
+    client = MlflowClient(mlflow_server)
+    logged = {a.path for a in client.list_artifacts(plan.tracking.parent_run_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/pareto.png"} <= logged
+
+    assert main(["report", str(runs_dir / "s")]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {runs_dir / 's' / 'report' / 'report.html'}" in printed
+    assert "note:" not in printed  # every trial's ranks were found on its MLflow run
+    assert main(["report", "--sweep", "s"]) == 2  # the URI is missing: one line
+    assert main(["report", "--tracking-uri", mlflow_server, "--sweep", "nosuch"]) == 2
+    assert "no sweep 'nosuch'" in capsys.readouterr().err
