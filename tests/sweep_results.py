@@ -76,8 +76,22 @@ ARMS = {  # arm params: (quality, robustness shift)
 }
 
 
-def sweep_rows(arms: dict = ARMS, seeds: tuple[int, ...] = (0, 1)) -> tuple[list, dict]:
-    """results.csv rows (typed) and {trial id: ranks} of every arm x seed."""
+def losses(params: dict, seed: int) -> dict[str, float]:
+    """A trial's final-epoch train/clean_loss and train/adv_loss (NaN for the baseline, as
+    results.csv has it): the gap grows with epsilon, PGD's faster than the noise control's."""
+    clean = 2.0 + 0.1 * seed
+    epsilon = params["perturb.epsilon"]
+    if not epsilon:
+        return {"train/clean_loss": clean, "train/adv_loss": float("nan")}
+    rate = 20.0 if params["perturb.kind"] == "pgd" else 2.0
+    return {"train/clean_loss": clean, "train/adv_loss": clean + rate * epsilon + 0.01 * seed}
+
+
+def sweep_rows(
+    arms: dict = ARMS, seeds: tuple[int, ...] = (0, 1), with_losses: bool = True
+) -> tuple[list, dict]:
+    """results.csv rows (typed) and {trial id: ranks} of every arm x seed; ``with_losses``:
+    the training losses too (a sweep from before they were recorded has none)."""
     from clipray.analysis.results import arm_label
 
     rows, ranks = [], {}
@@ -87,6 +101,8 @@ def sweep_rows(arms: dict = ARMS, seeds: tuple[int, ...] = (0, 1)) -> tuple[list
             metrics, ranks[trial_id] = trial(quality, seed, shift)
             row: dict[str, Any] = {"trial_id": trial_id, "trial": trial_id, "status": "FINISHED"}
             row.update(arm=arm_label(params), seed=seed, **params, **metrics)
+            if with_losses:
+                row.update(losses(params, seed))
             rows.append(row)
     return rows, ranks
 

@@ -1,6 +1,7 @@
 """The sweep report: its numbers are the logged metrics (from a sweep directory and from a real
 MLflow server), its bootstrap intervals cover at their nominal rate, Holm's correction is the
-textbook one, and a sweep with nothing (or no baseline, or one seed) to compare says so."""
+textbook one, a sweep with nothing (or no baseline, or one seed) to compare says so, and the
+calibration section shows results.csv's clean cost and loss gap with its 0-15 % epsilon range."""
 
 from __future__ import annotations
 
@@ -11,6 +12,16 @@ import numpy as np
 import pytest
 
 from clipray.analysis import stats
+from clipray.analysis.calibration import (
+    ADV_LOSS,
+    CLEAN_LOSS,
+    NO_LOSSES,
+    CalibrationRow,
+    CostRange,
+    calibration_rows,
+    cost_range,
+    range_sentences,
+)
 from clipray.analysis.results import CLEAN, CORRUPTED, arm_label, read_results_csv
 from clipray.analysis.stats import Design, bootstrap, holm, pareto_front, rsum_from_ranks
 from clipray.analysis.study_report import (
@@ -83,31 +94,117 @@ def test_rsum_from_ranks_is_the_logged_rsum(sweep):
             assert got == pytest.approx(row[f"{prefix}/rsum"], abs=1e-4)
 
 
-def test_the_report_from_a_sweep_directory_shows_the_logged_numbers(sweep, tmp_path):
-    from clipray.sweep.report import RANKS_DIR, REPORT, write_study_report
+def _sweep_directory(rows: list[dict], ranks: dict, directory) -> tuple[Plan, str]:
+    """A sweep directory as a finished sweep leaves it: results.csv and ranks/<trial id>.npz."""
+    from clipray.sweep.report import RANKS_DIR, REPORT
 
-    rows, ranks = sweep
-    directory = tmp_path / "s"
     (directory / RANKS_DIR).mkdir(parents=True)
-    keys = list(rows[0])
-    csv_text = trials_csv(rows, keys)
+    csv_text = trials_csv(rows, list(rows[0]))
     (directory / REPORT).write_text(csv_text)
     for trial_id, r in ranks.items():
         (directory / RANKS_DIR / f"{trial_id}.npz").write_bytes(npz_bytes(r))
     nowhere = Tracking("sqlite:////nonexistent/m.db", "0", "none")  # no MLflow: runs=None
     plan = Plan("s-1", str(directory), small_experiment("name=s").to_dict(), SPACE, nowhere)
+    return plan, csv_text
+
+
+def test_the_report_from_a_sweep_directory_shows_the_logged_numbers(sweep, tmp_path):
+    from clipray.sweep.report import write_study_report
+
+    rows, ranks = sweep
+    directory = tmp_path / "s"
+    plan, csv_text = _sweep_directory(rows, ranks, directory)
     where, built = write_study_report(plan, csv_text)
     assert where == str(directory / "report") and built.notes == []
     check_against_rows(built.effects, read_results_csv(csv_text))
     files = {p.name for p in (directory / "report").iterdir()}
     assert {"report.md", "report.html", "rsum_vs_epsilon.png", "change_heatmap.png"} <= files
-    assert {"pareto.png", "importances.png"} <= files
+    assert {"pareto.png", "importances.png", "calibration.png"} <= files
     html = (directory / "report" / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 4 and 'src="http' not in html
+    assert html.count('src="data:image/png;base64,') == 5 and 'src="http' not in html
     md = (directory / "report" / "report.md").read_text()
     worse = built.effects.arms.index(arm_label(ARMS["worse"][0]))
     assert f"{built.effects.level[worse, 0]:.1f} [" in md  # the table shows the level
     assert "distinguishable" in md and "(held out)" in md
+
+
+def _table_rows(markdown: str, heading: str) -> list[list[str]]:
+    """The cells of the first table after ``heading`` in a Markdown report."""
+    text = markdown[markdown.index(heading) :]
+    lines = text[text.index("\n|") :].strip().split("\n\n")[0].splitlines()
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_results_csv_has_the_losses_and_the_calibration_table_shows_its_numbers(sweep, tmp_path):
+    """Per perturbed arm: clean RSUM change = mean over seeds of (arm - baseline) clean/rsum,
+    in % of the baseline's mean, and loss gap = mean of train/adv_loss - train/clean_loss, all
+    from results.csv; the Markdown table shows them rounded."""
+    from clipray.sweep.report import result_columns, write_study_report
+
+    assert {CLEAN_LOSS, ADV_LOSS} <= set(result_columns(small_experiment("name=s")))
+    rows, ranks = sweep
+    plan, csv_text = _sweep_directory(rows, ranks, tmp_path / "s")
+    _, built = write_study_report(plan, csv_text)
+    saved = read_results_csv(csv_text)
+    base = {r["seed"]: r for r in saved if r["arm"] == "baseline"}
+    reference = np.mean([r["clean/rsum"] for r in base.values()])
+    table = _table_rows(built.markdown, "## Calibration")
+    calibration = calibration_rows(built.effects, built.trials, {"perturb.tower": "image"})
+    assert len(table) == len(calibration) == len(ARMS) - 1
+    for row, cells in zip(calibration, table, strict=True):
+        mine = [r for r in saved if r["perturb.epsilon"] == row.epsilon]
+        change = np.mean([r["clean/rsum"] - base[r["seed"]]["clean/rsum"] for r in mine])
+        gap = np.mean([r[ADV_LOSS] - r[CLEAN_LOSS] for r in mine])
+        assert row.change == pytest.approx(change, abs=1e-3)
+        assert row.change_pct == pytest.approx(100 * change / reference, abs=1e-3)
+        assert row.gap == pytest.approx(gap, abs=1e-9)
+        assert (row.kind, row.layer) == (mine[0]["perturb.kind"], str(mine[0]["perturb.layer"]))
+        assert cells[:4] == ["image", row.layer, row.kind, f"{row.epsilon:.3g}"]
+        assert cells[4].startswith(f"{change:+.1f} [") and cells[5] == f"{row.change_pct:+.1f}"
+        assert cells[6] == f"{gap:+#.3g}"
+
+
+def _line(kind: str, layer: int, points: dict[float, float]) -> list[CalibrationRow]:
+    """A line of arms with the given clean cost (%) at each epsilon (baseline RSUM 100)."""
+    nan = float("nan")
+    return [
+        CalibrationRow("image", str(layer), kind, "", eps, -cost, nan, nan, -cost, 0.1)
+        for eps, cost in points.items()
+    ]
+
+
+def test_the_range_of_epsilon_costing_0_to_15_percent_is_interpolated_on_log_epsilon():
+    assert cost_range([1e-3, 1e-2, 1e-1], [2, 10, 30]) == CostRange(
+        1e-3, pytest.approx(10**-1.75), True
+    )
+    crossing = cost_range([1e-3, 1e-2, 1e-1], [-5, 5, 30])  # 0 % at 10^-2.5, 15 % at 10^-1.6
+    assert crossing.low == pytest.approx(10**-2.5) and crossing.high == pytest.approx(10**-1.6)
+    assert cost_range([1e-3, 1e-2], [1, 8]) == CostRange(1e-3, None, True)
+    assert cost_range([1e-2, 1e-1], [20, 40]).low is None
+    lines = [
+        *_line("pgd", 2, {1e-3: 2, 1e-2: 10, 1e-1: 30}),
+        *_line("noise", 2, {1e-3: -1, 1e-2: 1, 1e-1: 8}),
+        *_line("pgd", 0, {1e-2: 20, 1e-1: 40}),
+    ]
+    assert range_sentences(lines) == [
+        "Tower image, layer 2: pgd: 0-15 % for epsilon 0.001 (the smallest measured) to 0.0178; "
+        "noise: 0-15 % from epsilon 0.00316 to at least 0.1 (the largest measured, 8.0 %); "
+        "15 % not reached.",
+        "Tower image, layer 0: pgd: above 15 % already at the smallest measured epsilon 0.01 "
+        "(20.0 %); the range lies below it.",
+    ]
+
+
+@pytest.mark.parametrize("older", ["no columns", "empty columns"])
+def test_a_sweep_without_the_loss_columns_shows_the_clean_cost_and_says_why_no_gap(older):
+    rows, ranks = sweep_rows(with_losses=older != "no columns")
+    if older == "empty columns":
+        rows = [{**r, CLEAN_LOSS: float("nan"), ADV_LOSS: float("nan")} for r in rows]
+    built = build_report(_inputs(rows, ranks), resamples=RESAMPLES)
+    assert built.notes == [NO_LOSSES] and NO_LOSSES in built.markdown
+    table = _table_rows(built.markdown, "## Calibration")
+    assert len(table) == len(ARMS) - 1 and {cells[-1] for cells in table} == {"-"}
+    assert all(cells[4] != "-" for cells in table) and "calibration.png" in built.images
 
 
 def test_bootstrap_intervals_cover_a_known_mean_at_their_nominal_rate():

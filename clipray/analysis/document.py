@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,15 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> Block:
 
 def image(name: str, caption: str) -> Block:
     return Block("image", name, caption=caption)
+
+
+def interval(value: float, low: float, high: float, signed: bool = False) -> str:
+    """A number with its interval, one decimal: ``12.3 [10.1, 14.0]`` (``+1.2 [...]`` signed);
+    ``-`` for no value; no brackets for no interval."""
+    if math.isnan(value):
+        return "-"
+    number = f"{value:+.1f}" if signed else f"{value:.1f}"
+    return number if math.isnan(low) else f"{number} [{low:.1f}, {high:.1f}]"
 
 
 def _md_cell(value: str) -> str:

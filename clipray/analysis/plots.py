@@ -11,6 +11,7 @@ import io
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -205,3 +206,54 @@ def importance_bars(importances: Mapping[str, Mapping[str, float]]) -> bytes | N
         ax.legend(fontsize=7)
         ax.set_title("parameter importances", fontsize=9)
         return _png(fig)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One line of the calibration figure: arms alike but for epsilon, ascending."""
+
+    label: str
+    epsilon: tuple[float, ...]
+    cost: tuple[float, ...]  # clean RSUM cost, % of the baseline's (NaN: no baseline)
+    gap: tuple[float, ...]  # train/adv_loss - train/clean_loss (NaN: not recorded)
+    noise: bool  # the noise control: dashed, square markers
+    colour_key: str  # lines with the same key share a colour (a PGD line and its control)
+
+
+def calibration_curves(curves: list[Curve], top: float) -> bytes | None:
+    """Clean cost in % against epsilon (log x; dotted at 0 and ``top`` %) and, when recorded,
+    the loss gap against epsilon; one line per curve."""
+    import matplotlib
+
+    panels = [
+        (name, label)
+        for name, label in (
+            ("cost", "clean RSUM cost (% of baseline)"),
+            ("gap", "loss gap: adv - clean (final epoch)"),
+        )
+        if any(math.isfinite(v) for c in curves for v in getattr(c, name))  # else no panel
+    ]
+    if not panels:
+        return None
+    keys = list(dict.fromkeys(c.colour_key for c in curves))
+    cmap = matplotlib.colormaps["tab10"]
+    legend = 0.15 + 0.17 * math.ceil(len(curves) / LEGEND_COLUMNS)  # inches, below
+    height = 3.2 + legend
+    size = (4.4 * len(panels), height)
+    with _figure(1, len(panels), figsize=size, squeeze=False) as (fig, axes):
+        for ax, (field, name) in zip(axes[0], panels, strict=True):
+            for c in curves:
+                style = {"marker": "s" if c.noise else "o", "ls": NOISE_STYLE if c.noise else "-"}
+                colour = cmap(keys.index(c.colour_key) % 10)
+                ax.plot(c.epsilon, getattr(c, field), ms=3, color=colour, label=c.label, **style)
+            if field == "cost":
+                for level in (0.0, top):
+                    ax.axhline(level, color="0.5", lw=0.8, ls=":")
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter("")
+            ax.set_xlabel("epsilon")
+            ax.set_ylabel(name, fontsize=8)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=LEGEND_COLUMNS, fontsize=7)
+        fig.suptitle("Calibration: clean cost and loss increase against epsilon", fontsize=10)
+        return _png(fig, bottom=legend / height)

@@ -16,6 +16,7 @@ import numpy as np
 
 from clipray.analysis import document as doc
 from clipray.analysis import plots
+from clipray.analysis.calibration import calibration_section
 from clipray.analysis.importance import param_importances
 from clipray.analysis.results import (
     BASELINE_ARM,
@@ -68,6 +69,7 @@ class SweepInputs:
     metric: str = "agg/mean_corrupted_rsum"  # the sweep's objective
     mode: str = "max"
     notes: tuple[str, ...] = ()  # what reading them found amiss, one line each
+    fixed: Mapping[str, Any] = field(default_factory=dict)  # unsearched values: perturb.tower...
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,10 @@ def build_report(inputs: SweepInputs, resamples: int = RESAMPLES, seed: int = 0)
     if trials:
         importances = _importances(trials, inputs, notes)
     images = _figures(effects, trials, importances)
+    calibration: list[doc.Block] = []
+    if effects is not None:
+        calibration, figure = calibration_section(effects, trials, inputs.fixed, notes)
+        images.update(figure)
     blocks = [
         doc.heading(f"Sweep {inputs.sweep_id}", 1),
         doc.text(_overview(inputs, trials, design, resamples)),
@@ -110,6 +116,7 @@ def build_report(inputs: SweepInputs, resamples: int = RESAMPLES, seed: int = 0)
     if effects is not None:
         blocks += _answer(effects) + _families(effects)
     blocks += [doc.image(name, FIGURES[name]) for name in FIGURES if name in images]
+    blocks += calibration
     blocks += _importance_blocks(importances)
     if effects is not None:
         blocks += [doc.heading("Method"), doc.text(_method(effects, design))]
@@ -199,19 +206,6 @@ def _overview(
     )
 
 
-def _number(value: float, signed: bool) -> str:
-    return f"{value:+.1f}" if signed else f"{value:.1f}"
-
-
-def _interval(value: float, low: float, high: float, signed: bool = False) -> str:
-    """``12.3 [10.1, 14.0]``; ``-`` for no value; no brackets for no interval."""
-    if math.isnan(value):
-        return "-"
-    if math.isnan(low):
-        return _number(value, signed)
-    return f"{_number(value, signed)} [{low:.1f}, {high:.1f}]"
-
-
 def _change(effects: Effects, a: int, e: int) -> tuple[float, float, float]:
     return effects.change[a, e], effects.low[a, e], effects.high[a, e]
 
@@ -231,7 +225,7 @@ def _answer(effects: Effects) -> list[doc.Block]:
         tested = ~np.isnan(effects.p_holm[:, e])
         yes = [a for a in range(len(effects.arms)) if effects.distinguishable[a, e]]
         said = "; ".join(
-            f"{effects.arms[a]} ({_interval(*_change(effects, a, e), signed=True)})" for a in yes
+            f"{effects.arms[a]} ({doc.interval(*_change(effects, a, e), signed=True)})" for a in yes
         )
         blocks.append(
             doc.text(
@@ -251,7 +245,7 @@ def _answer(effects: Effects) -> list[doc.Block]:
             e = effects.endpoints.index(endpoint)
             level = (effects.level[a, e], effects.level_low[a, e], effects.level_high[a, e])
             p = effects.p_holm[a, e]
-            row += [_interval(*level), _interval(*_change(effects, a, e), signed=True)]
+            row += [doc.interval(*level), doc.interval(*_change(effects, a, e), signed=True)]
             row += ["-" if math.isnan(p) else f"{p:.3g}", _verdict(effects, a, e)]
         rows.append(row)
     return [*blocks, doc.table(header, rows)]
@@ -271,7 +265,7 @@ def _families(effects: Effects) -> list[doc.Block]:
         for family in families:
             e = effects.endpoints.index(family)
             star = " *" if effects.distinguishable[a, e] else ""
-            row.append(_interval(*_change(effects, a, e), signed=True) + star)
+            row.append(doc.interval(*_change(effects, a, e), signed=True) + star)
         rows.append(row)
     return [
         doc.heading("Change per corruption family"),

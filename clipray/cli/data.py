@@ -1,5 +1,6 @@
 """``clipray data``: write an experiment's dataset (e.g. the synthetic one) to disk, as PNG +
-CSV tables or as img2dataset WebDataset shards."""
+CSV tables or as img2dataset WebDataset shards; or, with ``--preview``, one eval image under
+every corruption at severities 1, 3 and 5, as one PNG."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 from clipray.config.architectures import image_size
 from clipray.config.errors import ConfigError
 from clipray.config.loading import load_experiment
-from clipray.config.paths import check_output_dir
+from clipray.config.paths import check_output_dir, check_output_file
+from clipray.config.schema import Experiment
+from clipray.core import storage
 from clipray.core.data import SPLITS, CaptionedImages, check_images, export_csv, load_split
 from clipray.core.shards import write_shards
 
@@ -17,6 +20,10 @@ from clipray.core.shards import write_shards
 def cmd_data(args: argparse.Namespace) -> int:
     """Write an experiment's dataset (e.g. the synthetic one) to disk."""
     exp = load_experiment(args.file, args.set)
+    if getattr(args, "preview", None) is not None:
+        return _preview(exp, args.preview, getattr(args, "index", None))
+    if getattr(args, "index", None) is not None:
+        raise ConfigError("--index: only with --preview")
     out = Path(args.out)
     check_output_dir(out, "--out")
     shards = getattr(args, "format", "csv") == "webdataset"
@@ -63,3 +70,28 @@ def _export_shards(data: CaptionedImages, out_dir: Path, size: int, per_shard: i
 
 def _tars(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.tar"))
+
+
+def _preview(exp: Experiment, target: str, index: int | None) -> int:
+    """Write image ``index`` of the scored eval set under every corruption at severities 1, 3
+    and 5 to ``target`` (a .png), each cell as the scorer's cache holds it."""
+    from clipray.scoring.preview import SEVERITIES, preview_png  # cv2, scikit-image: only here
+
+    path = check_output_file(target, "--preview")
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"--preview: expected a .png file name, got {path.name!r}")
+    split = load_split(exp.data, exp.eval.split).subset(exp.eval.max_images)
+    index = 0 if index is None else index
+    if not 0 <= index < len(split):
+        raise ConfigError(
+            f"--index: expected 0..{len(split) - 1} (the scored {exp.eval.split} split has "
+            f"{len(split)} images), got {index}"
+        )
+    image = split.image(index, image_size(exp.model.name))
+    caption = f"{exp.eval.split} image {index}: {split.captions[index][0]}"
+    storage.write_bytes(str(path), preview_png(image, caption, index, exp.eval.seed))
+    print(
+        f"{path}: {exp.eval.split} image {index} under every corruption at severities "
+        f"{', '.join(map(str, SEVERITIES))}"
+    )
+    return 0

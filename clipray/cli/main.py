@@ -65,7 +65,14 @@ def _add_run_commands(sub: Any) -> None:
 
     d = _with_set(sub.add_parser("data", help="write the experiment's dataset to disk"))
     d.add_argument("file", nargs="?", default=str(DEFAULT_SWEEP))
-    d.add_argument("--out", required=True, help="directory for the dataset")
+    what = d.add_mutually_exclusive_group(required=True)
+    what.add_argument("--out", help="directory for the dataset")
+    what.add_argument(
+        "--preview",
+        metavar="PNG",
+        help="instead: draw one eval image under every corruption at severities 1, 3, 5 here",
+    )
+    d.add_argument("--index", type=int, metavar="N", help="with --preview: which image (0)")
     d.add_argument(
         "--format",
         choices=("csv", "webdataset"),

@@ -116,7 +116,8 @@ def _captions(shapes: list, background: str, cfg: SyntheticData, rng: np.random.
     colour = cfg.captions == "colour"
     out = []
     for k in range(cfg.captions_per_image):
-        order = rng.permutation(len(shapes)) if k else np.arange(len(shapes))
+        # layout: always in reading order (row by row), as a person would list a grid
+        order = rng.permutation(len(shapes)) if k and colour else np.arange(len(shapes))
         parts = [_describe(shapes[j], colour) for j in order]
         # a different template per caption keeps them distinct
         if colour:

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from clipray.analysis.calibration import LOSSES
 from clipray.analysis.results import (
     EPSILON,
     SEED,
@@ -61,8 +62,9 @@ class SweepSummary:
 
 
 def result_columns(exp: Experiment) -> list[str]:
-    """The metrics of results.csv: the objective, clean RSUM, the one-level aggregates and the
-    RSUM of every corruption x severity cell."""
+    """The metrics of results.csv: the objective, clean RSUM, the one-level aggregates, the
+    RSUM of every corruption x severity cell, and the final epoch's clean and perturbed
+    training losses (the calibration's loss gap; NaN for the baseline and older sweeps)."""
     keys = result_keys(exp.eval, reference=exp.sweep.baseline)
     keep = [
         k
@@ -71,7 +73,7 @@ def result_columns(exp: Experiment) -> list[str]:
         or (k.startswith("agg/") and k.count("/") == 1)
         or (k.startswith("corrupt/") and k.endswith("/rsum"))
     ]
-    return list(dict.fromkeys([exp.sweep.metric, *(k for _, k in REPORT_METRICS), *keep]))
+    return list(dict.fromkeys([exp.sweep.metric, *(k for _, k in REPORT_METRICS), *keep, *LOSSES]))
 
 
 def report(plan: Plan) -> tuple[str, str]:
@@ -176,7 +178,10 @@ def study_inputs(
     sweep = plan.experiment.get("sweep", {})
     source = plan.directory if local_ranks else plan.tracking.uri
     metric, mode = sweep.get("metric", SweepInputs.metric), sweep.get("mode", SweepInputs.mode)
-    return SweepInputs(plan.sweep_id, source, rows, ranks, plan.space, metric, mode, tuple(notes))
+    fixed = {f"perturb.{k}": v for k, v in plan.experiment.get("perturb", {}).items()}
+    return SweepInputs(
+        plan.sweep_id, source, rows, ranks, plan.space, metric, mode, tuple(notes), fixed
+    )
 
 
 def _trial_ranks(

@@ -16,6 +16,7 @@ import ray
 import yaml
 from ray import tune
 
+from clipray.analysis.calibration import LOSSES
 from clipray.config.loading import experiment_from_dict, with_values
 from clipray.config.schema import Experiment
 from clipray.core import storage
@@ -81,6 +82,7 @@ def run_trial(params: dict[str, Any], plan: Plan) -> None:
         _log_trial_artifacts(runs, run_id, exp, flat, checkpoint, trial_id, ranks_npz)
         clock["end"] = time.time()
         flat.update(timings(clock, blob["history"]))
+        flat.update({k: report[k] for k in LOSSES if k in report})  # results.csv reads them here
         runs.log_metrics(run_id, flat, int(blob["step"]))  # once: a re-run after a crash skips
         runs.finish(run_id)
     except BaseException:
