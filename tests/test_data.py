@@ -505,3 +505,19 @@ def test_synthetic_data_exported_to_disk_reads_back_identically(tmp_path, capsys
         assert np.array_equal(reread.load_all(64), original.load_all(64))
     assert main(["data", "--out", str(tmp_path), *sizes]) == 2  # never overwrites
     assert "already there" in capsys.readouterr().err
+
+
+def test_varied_backgrounds_keep_every_shape_a_contrast_apart():
+    """backgrounds: varied: any background, each shape colour MIN_CONTRAST luma steps from it;
+    captions as with the palette (they never name a colour)."""
+    cfg = SyntheticData(backgrounds="varied", val_size=40, captions_per_image=1)
+    data = load_split(cfg, "val")
+    corners = {tuple(int(v) // 32 for v in im[0, 0]) for im in data.images}
+    assert len(corners) >= 20  # backgrounds vary, not two
+    for img, (caption,) in zip(data.images, data.captions, strict=True):
+        assert LAYOUT_RE.findall(caption) and not set(caption.split()) & set(COLOURS)
+        luma = img.astype(float) @ np.array([0.299, 0.587, 0.114])
+        background = np.median(luma)
+        assert np.abs(luma - background).max() >= MIN_CONTRAST - 12  # the shapes stand out
+    with pytest.raises(ValueError, match="backgrounds: varied needs captions: layout"):
+        SyntheticData(backgrounds="varied", captions="colour")

@@ -755,3 +755,48 @@ def test_report_lists_every_trial_best_first(tmp_path, monkeypatch, capsys):
     assert rows[0]["perturb.epsilon"] == "0.1" and float(rows[0]["clean/rsum"]) == 300.0
     assert rows[-1]["agg/mean_corrupted_rsum"] == "nan"
     assert main(["report", str(tmp_path)]) == 2  # not a sweep: one line
+
+
+@pytest.mark.slow
+def test_paired_seeds_and_the_noise_control_run_end_to_end(tmp_path, monkeypatch):
+    """A real sweep: 2 configurations (the baseline, a noise control) x 2 paired seeds. Each
+    trial trains with its seed, keeps its per-query ranks (whose RSUM is its logged score), and is
+    compared with the baseline of its own seed; results.csv and the report carry arm and seed."""
+    import csv
+
+    import numpy as np
+
+    from clipray.analysis.stats import rsum_from_ranks
+
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "perturb.kind: {type: choice, values: [noise]}\n"
+        "perturb.epsilon: {type: loguniform, low: 0.01, high: 0.02}\n"
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cmd = tiny_sweep(
+        tmp_path, f"storage={tmp_path / 'runs'}", "name=paired", f"sweep.space={space}",
+        "sweep.num_samples=2", "sweep.seeds=2", "seed=5", "data.train_size=64",
+    )  # fmt: skip
+    subprocess.run(cmd, check=True, timeout=600, stdout=subprocess.DEVNULL)
+    sweep_dir = tmp_path / "runs" / "paired"
+    with open(sweep_dir / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    arms = {r["arm"] for r in rows}
+    assert len(rows) == 4 and len(arms) == 2 and "baseline" in arms
+    assert sorted((r["arm"] == "baseline", r["seed"]) for r in rows) == [
+        (False, "5"),
+        (False, "6"),
+        (True, "5"),
+        (True, "6"),
+    ]
+    assert {r["perturb.kind"] for r in rows if r["arm"] != "baseline"} == {"noise"}
+    assert (sweep_dir / "baseline_metrics.json").exists()
+    assert (sweep_dir / "baseline_metrics-seed6.json").exists()
+    for r in rows:
+        ranks = np.load(sweep_dir / "ranks" / f"{r['trial_id']}.npz")
+        clean = rsum_from_ranks(ranks["clean/i2t"], ranks["clean/t2i"])
+        assert clean == pytest.approx(float(r["clean/rsum"]), abs=1e-6)
+    base = {r["seed"]: r for r in rows if r["arm"] == "baseline"}
+    assert base["5"]["clean/rsum"] != base["6"]["clean/rsum"]  # the seed reaches training
+    assert (sweep_dir / "report" / "report.html").exists()

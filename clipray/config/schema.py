@@ -51,11 +51,19 @@ class SyntheticData(_Section):
         "(colours vary but are not named, so a corruption is a nuisance); colour: also the "
         "shape and background colours, which brightness, contrast, fog and frost change",
     )
+    backgrounds: Literal["palette", "varied"] = Field(
+        "palette",
+        description="palette: dark or light backgrounds, shapes in named colours; varied (layout "
+        "captions only): any background and shape colour a contrast apart, so a model cannot "
+        "lean on absolute brightness (which brightness, contrast, fog and snow change)",
+    )
     min_shapes: int = Field(2, ge=1, le=4, description="2: few images share a layout caption")
     max_shapes: int = Field(3, ge=1, le=4, description="min..max shapes per image")
 
     @model_validator(mode="after")
     def _shape_range(self) -> SyntheticData:
+        if self.backgrounds == "varied" and self.captions == "colour":
+            raise ValueError("backgrounds: varied needs captions: layout (colour names colours)")
         if self.min_shapes > self.max_shapes:
             raise ValueError(
                 f"min_shapes ({self.min_shapes}) must not exceed max_shapes ({self.max_shapes})"

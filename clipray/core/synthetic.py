@@ -154,21 +154,37 @@ def synthetic_image(cfg: SyntheticData, split: str, index: int) -> tuple[np.ndar
     backgrounds = list(BACKGROUNDS) if cfg.captions == "colour" else LAYOUT_BACKGROUNDS
     background = backgrounds[rng.integers(len(backgrounds))]
     palette = _palette(cfg, background)
-    img = Image.new("RGB", (s, s), BACKGROUNDS[background])
+    if cfg.backgrounds == "varied":
+        colours, fill = _varied_colours(rng)
+    else:
+        colours, fill = COLOURS, BACKGROUNDS[background]
+    img = Image.new("RGB", (s, s), fill)
     draw = ImageDraw.Draw(img)
     n = int(rng.integers(cfg.min_shapes, cfg.max_shapes + 1))
     shapes = []
     for pos in sorted(rng.choice(len(POSITIONS), size=n, replace=False).tolist()):
         kind = list(SHAPES)[rng.integers(len(SHAPES))]
-        colour = palette[rng.integers(len(palette))]
+        colour = palette[rng.integers(len(palette))] if colours is COLOURS else list(colours)[pos]
         size = list(SIZES)[rng.integers(len(SIZES))]
         row, col = divmod(pos, 3)
         jitter = rng.uniform(-0.04, 0.04, size=2) * s
         cx, cy = (col + 0.5) * s / 3 + jitter[0], (row + 0.5) * s / 3 + jitter[1]
-        SHAPES[kind](draw, cx, cy, SIZES[size] * s, COLOURS[colour])
+        SHAPES[kind](draw, cx, cy, SIZES[size] * s, colours[colour])
         shapes.append((kind, colour, size, pos))
     pixels = np.asarray(img, dtype=np.int16) + rng.integers(-6, 7, size=(s, s, 3))  # mild texture
     return np.clip(pixels, 0, 255).astype(np.uint8), _captions(shapes, background, cfg, rng)
+
+
+def _varied_colours(rng: np.random.Generator) -> tuple[dict, tuple[int, int, int]]:
+    """``backgrounds: varied``: a random background and, per grid cell, a random shape colour at
+    least ``MIN_CONTRAST`` luma steps from it (a dict keyed by cell, like ``COLOURS`` by name)."""
+    fill = tuple(int(v) for v in rng.integers(0, 256, size=3))
+    out: dict[str, tuple[int, int, int]] = {}
+    while len(out) < len(POSITIONS):
+        rgb = tuple(int(v) for v in rng.integers(0, 256, size=3))
+        if abs(_luma(rgb) - _luma(fill)) >= MIN_CONTRAST:
+            out[len(out)] = rgb
+    return out, fill
 
 
 def synthetic_split(cfg: SyntheticData, split: str) -> tuple[np.ndarray, list[list[str]]]:
