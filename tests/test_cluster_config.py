@@ -1,10 +1,13 @@
-"""cluster.yaml is a valid Ray cluster config (checked offline) that fits the sweeps run on it."""
+"""cluster.yaml (AWS) and cluster-local.yaml (own machines) are valid Ray cluster configs
+(checked offline) that fit the sweeps run on them. tests/test_cluster_launch.py runs the local
+one for real."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
 
+import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -14,21 +17,41 @@ from clipray.core import storage
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _cluster() -> dict:
-    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+FILES = ["cluster.yaml", "cluster-local.yaml"]
 
 
-def test_cluster_yaml_passes_rays_own_validation():
-    config = prepare_config(copy.deepcopy(_cluster()))
+def _cluster(name: str = "cluster.yaml") -> dict:
+    return yaml.safe_load((REPO / name).read_text())
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_cluster_files_pass_rays_own_validation(name):
+    config = prepare_config(copy.deepcopy(_cluster(name)))
     validate_config(config)
     assert config["head_node_type"] in config["available_node_types"]
 
 
-def test_every_node_installs_the_project_and_the_head_serves_mlflow():
-    cluster = _cluster()
+@pytest.mark.parametrize("name", FILES)
+def test_every_node_installs_the_project_and_the_head_listens_only_where_it_must(name):
+    cluster = _cluster(name)
     assert cluster["file_mounts"]["~/clipray"] == "."
-    assert any("pip install" in c and "-e ." in c for c in cluster["setup_commands"])
-    assert any("mlflow server" in c and "0.0.0.0" in c for c in cluster["head_start_ray_commands"])
+    assert "cd ~/clipray && python3 -m pip install -q -e ." in cluster["setup_commands"]
+    start = " ".join(cluster["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start  # job submission: through the SSH tunnel only
+    assert 'mlflow server --host "$ip"' in start and 'ip="$(hostname -I' in start
+    assert "0.0.0.0" not in start
+
+
+def test_both_files_install_and_start_the_same_way():
+    aws, local = _cluster(), _cluster("cluster-local.yaml")
+    assert set(local["setup_commands"]) <= set(aws["setup_commands"])  # AWS adds boto3 for S3
+    assert local["worker_start_ray_commands"] == aws["worker_start_ray_commands"]
+    assert local["rsync_exclude"] == aws["rsync_exclude"]
+    assert len(local["head_start_ray_commands"]) == len(aws["head_start_ray_commands"])
+
+
+def test_the_aws_cluster_adds_gpu_workers():
+    cluster = _cluster()
     gpu_nodes = [t for t in cluster["available_node_types"].values() if t.get("max_workers")]
     assert gpu_nodes and cluster["max_workers"] >= max(t["max_workers"] for t in gpu_nodes)
 

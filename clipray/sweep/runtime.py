@@ -195,6 +195,10 @@ def check_storage_reach(exp: Experiment) -> None:
             [read.options(scheduling_strategy=s).remote(str(probe)) for s in on],
             timeout=REACH_TIMEOUT_S,
         )
+    except ray.exceptions.GetTimeoutError:
+        print(f"warning: storage: not every node answered within {REACH_TIMEOUT_S:.0f}s; "
+              f"{path} must be a directory every node mounts", flush=True)  # fmt: skip
+        return
     finally:
         probe.unlink(missing_ok=True)
     blind = [n["NodeManagerAddress"] for n, got in zip(nodes, seen, strict=True) if got != token]
