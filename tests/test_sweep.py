@@ -800,3 +800,25 @@ def test_paired_seeds_and_the_noise_control_run_end_to_end(tmp_path, monkeypatch
     base = {r["seed"]: r for r in rows if r["arm"] == "baseline"}
     assert base["5"]["clean/rsum"] != base["6"]["clean/rsum"]  # the seed reaches training
     assert (sweep_dir / "report" / "report.html").exists()
+
+
+@pytest.mark.parametrize(
+    "sets, words",
+    [
+        (["sweep.seeds=3", "sweep.asha.enabled=true"], ["seeds", "asha.enabled", "do not mix"]),
+        (["seed=4294967295", "sweep.seeds=2"], ["sweep.seeds", "largest seed"]),
+    ],
+    ids=["asha-with-seeds", "seed-overflow"],
+)
+def test_paired_seeds_refuse_what_would_bias_or_break_them(sets, words):
+    with pytest.raises(ConfigError) as e:
+        small_experiment(*sets)
+    assert all(w in str(e.value) for w in words) and "\n" not in str(e.value)
+
+
+def test_an_arm_is_its_full_values_and_a_run_name_shows_three_digits():
+    from clipray.sweep.trial import arm_label, describe
+
+    a, b = {"perturb.epsilon": 0.010012}, {"perturb.epsilon": 0.010049}
+    assert arm_label(a) != arm_label(b)  # two sampled epsilons never merge into one arm
+    assert describe({**a, "seed": 1}) == "epsilon=0.01, seed=1"

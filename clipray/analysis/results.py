@@ -26,13 +26,13 @@ import numpy as np
 
 from clipray.analysis.stats import Design, query_scores, rsum_from_ranks
 from clipray.config.corruption_names import FAMILIES
+from clipray.scoring.plan import OWNERS
 
 BASELINE_ARM = "baseline"
 SEED = "seed"  # the results column (and MLflow param) of a trial's training seed
 EPSILON = "perturb.epsilon"
 CLEAN, CORRUPTED = "clean", "corrupted"
 LABELS = {CLEAN: "clean RSUM", CORRUPTED: "mean corrupted RSUM"}
-CAPTION_OWNERS = "text_to_image"  # optional ranks key
 DIRS = ("i2t", "t2i")  # image->text, text->image
 RSUM_TOLERANCE = 1e-3  # ranks and a logged rsum agree to float32 rounding
 
@@ -233,7 +233,7 @@ def design_from_ranks(trials: Sequence[Trial], notes: list[str]) -> Design | Non
             scores = {c: query_scores(t.ranks[f"{c}/{d}"]) for c in cells}
             for e, members in enumerate(endpoints.values()):
                 arrays[d][a, s, e] = np.mean([scores[c] for c in members], axis=0)
-    owners = first.get(CAPTION_OWNERS)
+    owners = first.get(OWNERS)
     if owners is not None and len(owners) != arrays["t2i"].shape[-1]:
         owners = None
     return Design(arms, seeds, tuple(endpoints), arrays["i2t"], arrays["t2i"], present, owners)

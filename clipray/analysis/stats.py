@@ -8,19 +8,21 @@ t2i score). RSUM is linear in the scores: an endpoint over several cells (the me
 a corruption family) is the RSUM of the cell-averaged scores, and one matrix product per batch
 of resamples gives every arm, seed and endpoint at once.
 
-The bootstrap (a crossed design: training seeds x evaluation queries)
-    Each resample draws seeds with replacement (one draw for every arm: seed k of an arm pairs
-    with seed k of the baseline) and images with replacement (one draw for every arm, seed and
-    cell; a caption goes with its image when the ranks say whose it is, else captions are drawn
-    on their own). An arm's effect is the mean over the drawn seeds of (arm - baseline) RSUM,
-    both on the drawn queries; its level is the mean over the drawn seeds of its RSUM.
-    Interval: the 2.5 and 97.5 percentiles of the resampled values (percentile bootstrap).
-    p-value, two-sided: twice the smaller share of resampled effects at or beyond 0 (+1
-    correction); below alpha exactly when the (1 - alpha) interval excludes 0.
+Uncertainty (a crossed design: training seeds x evaluation queries)
+    Query part, a paired bootstrap: each resample draws images with replacement, one draw for
+    every arm, seed and cell (a caption goes with its image when the sweep says whose it is, else
+    captions are drawn on their own); its spread is the evaluation set's sampling error of a
+    level or of a change (arm - baseline on the same queries), seeds held fixed.
+    Seed part: seed k of an arm pairs with seed k of the baseline; the spread of the per-seed
+    changes over the n paired seeds is the training randomness. A percentile bootstrap over 3
+    seeds would be far too narrow (it calls an effect real whenever all 3 differences share a
+    sign: a quarter of the time under no effect), so the two parts are combined as
+    SE^2 = s_seeds^2 / n + SE_queries^2 with Student's t on n - 1 degrees of freedom (the normal
+    with one seed, when the interval covers query noise only).
+    Interval: estimate +- t * SE; p-value, two-sided, from t = estimate / SE; NaN where SE is 0
+    (nothing to resample: one seed and no ranks).
     Holm's step-down correction across the compared arms, per endpoint: an effect is
     *distinguishable from the baseline* when its Holm-adjusted p-value is below alpha.
-With one seed an interval covers evaluation-query noise only, not training randomness; with few
-seeds (3) the seed part of the bootstrap is coarse and tends to be narrow.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 from clipray.core.metrics import DEFAULT_KS
 
@@ -107,16 +110,6 @@ def holm(p: Sequence[float] | np.ndarray) -> np.ndarray:
     return out
 
 
-def two_sided_p(draws: np.ndarray) -> np.ndarray:
-    """Bootstrap p-value of "no change" from resampled effects (last axis); NaN ignored."""
-    valid = ~np.isnan(draws)
-    n = valid.sum(-1)
-    below = ((draws <= 0) & valid).sum(-1)
-    above = ((draws >= 0) & valid).sum(-1)
-    p = np.minimum(1.0, 2.0 * (np.minimum(below, above) + 1) / (n + 1))
-    return np.where(n > 0, p, np.nan)
-
-
 def _counts(rng: np.random.Generator, b: int, n: int) -> np.ndarray:
     """(b, n) float32: how often each of n units is drawn in each of b resamples of size n."""
     draws = rng.integers(0, n, size=(b, n)) + (np.arange(b) * n)[:, None]
@@ -148,6 +141,44 @@ def _seed_mean(rsum: np.ndarray, seed_weights: np.ndarray, mask: np.ndarray) -> 
         return np.where(weight > 0, total / weight, np.nan)
 
 
+def _query_se(design: Design, pairs: np.ndarray, rng, resamples: int) -> tuple:
+    """Standard errors over query resamples, seeds fixed: (levels, changes), (arms, endpoints)."""
+    levels, changes = [], []
+    for start in range(0, resamples, CHUNK):
+        b = min(CHUNK, resamples - start)
+        r = _resampled_rsum(design, rng, b)
+        ones = np.ones((b, len(design.seeds)))
+        levels.append(_seed_mean(r, ones, design.present))
+        changes.append(_seed_mean(r - r[:1], ones, pairs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: the baseline's change
+        return tuple(np.nanstd(np.concatenate(x, -1), -1, ddof=1) for x in (levels, changes))
+
+
+def _seed_spread(values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(arms, endpoints) mean, variance of the mean over the masked seeds (0 with one seed)."""
+    n = mask.sum(1)[:, None]
+    v = np.where(mask[..., None], values, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(v, 1)
+        var = np.where(n > 1, np.nanvar(v, 1, ddof=1), 0.0) / np.maximum(n, 1)
+    return mean, var
+
+
+def _interval(estimate, seed_var, query_se, n, alpha):
+    """(low, high, p) from the combined standard error and Student's t on n - 1 df."""
+    se = np.sqrt(seed_var + np.nan_to_num(query_se) ** 2)
+    df = np.broadcast_to(np.where(n > 1, n - 1, np.inf)[:, None], se.shape)
+    t_crit = scipy_stats.t.ppf(1 - alpha / 2, df)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(se > 0, 2 * scipy_stats.t.sf(np.abs(estimate) / se, df), np.nan)
+    # SE 0: identical to the baseline on every query and seed (p 1), or nothing to resample
+    p = np.where((se == 0) & (estimate == 0), 1.0, p)
+    half = np.where(se > 0, t_crit * se, 0.0)
+    return estimate - half, estimate + half, np.where(np.isfinite(estimate), p, np.nan)
+
+
 def bootstrap(
     design: Design,
     has_baseline: bool,
@@ -156,29 +187,16 @@ def bootstrap(
     seed: int = 0,
 ) -> Effects:
     """Levels and changes against the baseline (``arms[0]`` when ``has_baseline``) per arm and
-    endpoint, with percentile intervals, p-values and Holm's correction; reproducible by seed."""
+    endpoint, with intervals, p-values and Holm's correction (module docstring); reproducible."""
     rng = np.random.default_rng(seed)
-    n_seeds = len(design.seeds)
     pairs = design.present & design.present[:1] & has_baseline  # seed k with seed k
     pairs[0] = False  # the baseline is not compared with itself
-    rsum = design.rsum()[..., None]
-    ones = np.ones((1, n_seeds))
-    level = _seed_mean(rsum, ones, design.present)[..., 0]
-    change = _seed_mean(rsum - rsum[:1], ones, pairs)[..., 0]
-    levels, changes = [], []
-    for start in range(0, resamples, CHUNK):
-        b = min(CHUNK, resamples - start)
-        r = _resampled_rsum(design, rng, b)
-        v = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=b).astype(float)
-        levels.append(_seed_mean(r, v, design.present))
-        changes.append(_seed_mean(r - r[:1], v, pairs))
-    levels, changes = np.concatenate(levels, -1), np.concatenate(changes, -1)
-    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: the baseline's change
-        level_low, level_high = np.nanpercentile(levels, q, axis=-1)
-        low, high = np.nanpercentile(changes, q, axis=-1)
-    p = two_sided_p(changes)
+    rsum = design.rsum()  # (arms, seeds, endpoints)
+    level_q, change_q = _query_se(design, pairs, rng, resamples)
+    level, level_var = _seed_spread(rsum, design.present)
+    change, change_var = _seed_spread(rsum - rsum[:1], pairs)
+    level_low, level_high, _ = _interval(level, level_var, level_q, design.present.sum(1), alpha)
+    low, high, p = _interval(change, change_var, change_q, pairs.sum(1), alpha)
     p_holm = np.stack([holm(column) for column in p.T], axis=1) if p.size else p
     return Effects(
         design.arms,

@@ -17,6 +17,7 @@ import numpy as np
 from clipray.analysis import document as doc
 from clipray.analysis import plots
 from clipray.analysis.calibration import calibration_section
+from clipray.analysis.contrast import contrast_section
 from clipray.analysis.importance import param_importances
 from clipray.analysis.results import (
     BASELINE_ARM,
@@ -115,6 +116,7 @@ def build_report(inputs: SweepInputs, resamples: int = RESAMPLES, seed: int = 0)
         blocks += [doc.heading("What this report can show"), doc.bullets(notes)]
     if effects is not None:
         blocks += _answer(effects) + _families(effects)
+        blocks += contrast_section(design, trials, resamples, seed, effects.alpha)
     blocks += [doc.image(name, FIGURES[name]) for name in FIGURES if name in images]
     blocks += calibration
     blocks += _importance_blocks(importances)
@@ -299,15 +301,16 @@ def _method(effects: Effects, design: Design) -> str:
     return (
         "RSUM is recomputed from each trial's per-query ranks (Recall@K = 100 * mean(rank < K), "
         "RSUM = sum over both directions and K = 1, 5, 10); it equals the logged metric. "
-        f"Paired bootstrap ({effects.resamples} resamples) over training seeds and evaluation "
-        "queries: each resample draws seeds with replacement, one draw for every arm (seed k of "
-        "an arm pairs with seed k of the baseline), and images with replacement, one draw for "
-        f"every arm, seed and corruption cell (each {cells}). Intervals: 2.5 and 97.5 "
-        "percentiles. p-values: two-sided, from the share of resampled changes on either side "
-        "of 0. Holm's step-down correction across the compared arms, per endpoint; an effect is "
-        f"distinguishable from the baseline when its adjusted p-value is below {effects.alpha:g}."
-        " With few seeds (e.g. 3) the seed part of the bootstrap is coarse: read the intervals "
-        "as approximate."
+        "Uncertainty combines evaluation queries and training seeds. Queries: a paired "
+        f"bootstrap ({effects.resamples} resamples) draws images with replacement, one draw for "
+        f"every arm, seed and corruption cell (each {cells}). Seeds: seed k of an arm pairs with "
+        "seed k of the baseline, and the spread of the n per-seed changes is the training "
+        "randomness. Standard error: sqrt(seed variance / n + query-bootstrap variance); "
+        "interval: estimate +- t(0.975, n - 1) * SE (the normal with one seed, when it covers "
+        "query noise only); p-value: two-sided, from t. Holm's step-down correction across the "
+        "compared arms, per endpoint; an effect is distinguishable from the baseline when its "
+        f"adjusted p-value is below {effects.alpha:g}. With 3 seeds t(0.975, 2) = 4.3: only "
+        "effects well beyond the seed spread are distinguishable."
     )
 
 

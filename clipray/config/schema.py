@@ -335,6 +335,11 @@ class SweepConfig(_Section):
     @model_validator(mode="after")
     def _space_exists(self) -> SweepConfig:
         _require_file(self.space, "sweep.space")
+        if self.seeds > 1 and self.asha.enabled:
+            raise ValueError(
+                "seeds: paired seeds and asha.enabled do not mix (ASHA would stop some seeds of "
+                "an arm and leave the lucky ones to compare); disable one"
+            )
         return self
 
 
@@ -367,6 +372,11 @@ class Experiment(_Section):
             raise ValueError(
                 f"model.name: {self.model.name} takes {image_size(self.model.name)} px images; "
                 f"corruptions need at least {MIN_SIDE} px"
+            )
+        if self.seed + self.sweep.seeds - 1 > SEED_MAX:
+            raise ValueError(
+                f"sweep.seeds: seeds {self.seed}..{self.seed + self.sweep.seeds - 1} pass the "
+                f"largest seed, {SEED_MAX}"
             )
         if self.train.batch_size % self.train.num_workers:
             raise ValueError(

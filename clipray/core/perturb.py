@@ -168,7 +168,10 @@ def pgd(
 
 def noise(points: dict[str, SplitPoint], cfg: PerturbConfig) -> dict[str, torch.Tensor]:
     """The control for :func:`pgd`: per tower, a random delta on the boundary of the same ball
-    (same norm, same radius, same layer), found without any gradient."""
+    (same norm, same radius, same layer), found without any gradient. With ``l2`` on the text
+    tower the budget is spread over every token position, also those past the end of the text
+    that a causal mask keeps from the feature, where PGD spends none: there the control is
+    matched in norm but is effectively smaller (``linf``, the studies' norm, is not affected)."""
     out = {}
     for t, p in points.items():
         h, b = p.hidden.detach(), p.split.batch_dim

@@ -178,6 +178,9 @@ def flat_result(cells: Sequence[Cell], results: Mapping[Cell, Mapping[str, float
     return flat | flatten_summary(summary)
 
 
+OWNERS = "text_to_image"  # in a trial's ranks: the image of each caption (t2i query order)
+
+
 def flat_ranks(results: Mapping[Cell, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
     """Per-query ranks by the key prefix of their metrics: ``clean/i2t``, ``clean/t2i``,
     ``corrupt/<c>/s<k>/i2t``... (the RSUM of a prefix's ranks is that prefix's ``rsum``)."""

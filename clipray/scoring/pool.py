@@ -42,6 +42,7 @@ from clipray.config.schema import Experiment
 from clipray.core.checkpoint import load_checkpoint
 from clipray.core.metrics import Cell
 from clipray.scoring.plan import (
+    OWNERS,
     assign_cells,
     build_weights_model,
     cell_cost,
@@ -94,7 +95,9 @@ class _Coordinator:
         self.cells = eval_cells(exp.eval)
         self.shards = [[tuple(c) for c in shard] for shard in shards]
         # Held for the pool's life and sent with every call, so a restarted worker has it.
-        self.eval_ref = ray.put(load_eval_set(exp))
+        eval_set = load_eval_set(exp)
+        self.owner = np.asarray(eval_set.owner, dtype=np.int32)  # each caption's image
+        self.eval_ref = ray.put(eval_set)
         started = [_start_worker(exp_dict, self.eval_ref, cache_dir, s) for s in self.shards]
         self.workers = [actor for actor, _ in started]
         self.loads = [loads for _, loads in started]
@@ -123,7 +126,9 @@ class _Coordinator:
         for part in _get(refs):
             results.update(part)
         flat = flat_result(self.cells, {cell: r[0] for cell, r in results.items()})
-        return (flat, flat_ranks({c: r[1] for c, r in results.items()})) if ranks else flat
+        if not ranks:
+            return flat
+        return flat, {**flat_ranks({c: r[1] for c, r in results.items()}), OWNERS: self.owner}
 
     def info(self) -> dict[str, Any]:
         per_actor = _get([worker.stats.remote() for worker in self.workers])
@@ -206,7 +211,8 @@ class ScorerPool:
     def score_with_ranks(
         self, weights: Mapping | ray.ObjectRef
     ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        """:meth:`score`, and every cell's per-query ranks (:func:`flat_ranks`)."""
+        """:meth:`score`, and every cell's per-query ranks (:func:`flat_ranks`) with each
+        caption's image under ``OWNERS`` (so a bootstrap can draw a caption with its image)."""
         return _get(self.score_async(weights, ranks=True))
 
     def score_file(self, path: str | Path) -> dict[str, float]:

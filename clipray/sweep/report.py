@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import yaml
 
 from clipray.analysis.calibration import LOSSES
@@ -27,7 +28,8 @@ from clipray.config.loading import experiment_from_dict
 from clipray.config.paths import check_output_dir
 from clipray.config.schema import Experiment
 from clipray.core import storage
-from clipray.scoring.plan import result_keys, with_reference
+from clipray.core.data import load_split
+from clipray.scoring.plan import OWNERS, result_keys, with_reference
 from clipray.scoring.tables import trials_csv, trials_table
 from clipray.sweep.manifest import Plan
 from clipray.sweep.tracking import Runs, existing_store, find_sweep
@@ -175,6 +177,7 @@ def study_inputs(
             found = _trial_ranks(plan, trial_id, runs, local_ranks, notes)
             if found is not None:
                 ranks[trial_id] = found
+    _add_caption_owners(plan, ranks, notes)
     sweep = plan.experiment.get("sweep", {})
     source = plan.directory if local_ranks else plan.tracking.uri
     metric, mode = sweep.get("metric", SweepInputs.metric), sweep.get("mode", SweepInputs.mode)
@@ -182,6 +185,22 @@ def study_inputs(
     return SweepInputs(
         plan.sweep_id, source, rows, ranks, plan.space, metric, mode, tuple(notes), fixed
     )
+
+
+def _add_caption_owners(plan: Plan, ranks: dict[str, dict], notes: list[str]) -> None:
+    """Ranks saved before trials kept each caption's image get it from the sweep's eval split
+    (the same for every trial), so the bootstrap draws a caption with its image."""
+    if all(OWNERS in r for r in ranks.values()):
+        return
+    try:
+        exp = experiment_from_dict(plan.experiment, "sweep manifest")
+        split = load_split(exp.data, exp.eval.split).subset(exp.eval.max_images)
+        owners = split.flat_captions()[1].numpy().astype(np.int32)
+    except Exception as e:  # the eval data may be gone by now; captions are then drawn alone
+        notes.append(f"each caption's image unknown ({brief_text(e, 80)}): drawn on their own")
+        return
+    for r in ranks.values():
+        r.setdefault(OWNERS, owners)
 
 
 def _trial_ranks(

@@ -142,7 +142,7 @@ class PairedSeeds(Searcher):
         self.inner, self.seeds, self.base_seed = inner, seeds, base_seed
         self.open: tuple[str, dict[str, Any], int] | None = None  # (first trial, config, next k)
         self.first_of: dict[str, str] = {}  # trial id -> the first trial of its configuration
-        self.done: dict[str, list[dict | None]] = {}  # first trial -> results of its seeds
+        self.done: dict[str, dict[str, dict | None]] = {}  # first trial -> {trial: result}
 
     def set_search_properties(self, metric: Any, mode: Any, config: dict, **spec: Any) -> bool:
         return self.inner.set_search_properties(metric, mode, config, **spec)
@@ -152,7 +152,7 @@ class PairedSeeds(Searcher):
             config = self.inner.suggest(trial_id)
             if not isinstance(config, dict):
                 return config  # None (wait) or Searcher.FINISHED
-            self.open, self.done[trial_id] = (trial_id, config, 0), []
+            self.open, self.done[trial_id] = (trial_id, config, 0), {}
         first, config, k = self.open
         self.open = (first, config, k + 1) if k + 1 < self.seeds else None
         self.first_of[trial_id] = first
@@ -169,10 +169,14 @@ class PairedSeeds(Searcher):
         if first is None:
             return
         results = self.done[first]
-        results.append(None if error else result)
-        if len(results) == self.seeds:
-            failed = any(r is None for r in results)
-            self.inner.on_trial_complete(first, result=mean_result(results), error=failed)
+        if results.get(trial_id) is not None:
+            return  # counted already (a trial completes once; a re-run success replaces an error)
+        told = len(results) == self.seeds  # inner heard of this configuration already
+        results[trial_id] = None if error else result
+        if len(results) == self.seeds and not told:
+            values = list(results.values())
+            failed = any(r is None for r in values)
+            self.inner.on_trial_complete(first, result=mean_result(values), error=failed)
 
     def save(self, checkpoint_path: str) -> None:
         _save_wrapped(self, checkpoint_path, ("open", "first_of", "done"))

@@ -141,15 +141,17 @@ def describe(params: dict[str, Any]) -> str:
     """``baseline``, or the sampled values by their last name: ``epsilon=0.05, layer=2``; with
     paired seeds, the seed last: ``baseline, seed=1``."""
     seed = f"seed={params[SEED_KEY]}" if SEED_KEY in params else ""
-    return ", ".join(p for p in (arm_label(params), seed) if p)
+    return ", ".join(p for p in (arm_label(params, digits=3), seed) if p)
 
 
-def arm_label(params: dict[str, Any]) -> str:
-    """The configuration without its seed: what paired seeds of one arm share."""
+def arm_label(params: dict[str, Any], digits: int = 12) -> str:
+    """The configuration without its seed: what paired seeds of one arm share. Its identity
+    (the ``clipray.arm`` tag) keeps 12 significant digits, so two sampled epsilons never merge;
+    run names show 3."""
     if params.get(BASELINE_KEY):
         return "baseline"
     return ", ".join(
-        f"{k.split('.')[-1]}={_fmt(v)}"
+        f"{k.split('.')[-1]}={_fmt(v, digits)}"
         for k, v in sorted(params.items())
         if k not in (BASELINE_KEY, SEED_KEY)
     )
@@ -162,8 +164,8 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+def _fmt(v: Any, digits: int = 3) -> str:
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
 def _with_baseline(
