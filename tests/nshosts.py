@@ -35,6 +35,8 @@ SUBNET = "198.51.100"  # TEST-NET-2 (RFC 5737): never routed, never anyone's rea
 GATEWAY = f"{SUBNET}.1"  # the bridge: where the launcher (this machine) sits
 SHARED = "/mnt/clipray"  # the shared directory's path on every host
 IMAGE_PACKAGES = ("openssh-server", "rsync")  # Debian packages the hosts need
+CHECKOUT_SITE = Path(sysconfig.get_paths()["purelib"])  # this checkout's .venv site-packages
+IMAGE_SITE = Path("/root/.image-site")  # where a host sees them (its /root and /tmp are private)
 PIP_MIRROR = (  # this machine's offline PyPI mirror (the hosts cannot reach pypi.org)
     "[global]\nindex-url = file:///opt/pypi/simple\n"
     "extra-index-url = file:///opt/pypi-more/simple\nfind-links = /opt/wheels\n"
@@ -129,7 +131,7 @@ class Hosts:
     def _image(self, host: Host) -> None:
         """The host's private directories and what its "machine image" holds."""
         home = host.root / "root"
-        for sub in (".ssh", ".sshd", ".pyenv", ".config/pip"):
+        for sub in (".ssh", ".sshd", ".pyenv", ".config/pip", IMAGE_SITE.name):
             (home / sub).mkdir(parents=True, exist_ok=True)
         (host.root / "tmp").mkdir(mode=0o1777, exist_ok=True)
         os.chmod(home, 0o700)
@@ -162,7 +164,8 @@ class Hosts:
         r = host.root
         boot = f"""set -e
 hostname {host.name}
-mount --rbind /root/.pyenv {r}/root/.pyenv
+if [ -d /root/.pyenv ]; then mount --rbind /root/.pyenv {r}/root/.pyenv; fi
+mount --bind {CHECKOUT_SITE} {r}/root/{IMAGE_SITE.name}
 mount --rbind {r}/root /root
 mount -t tmpfs -o size=64m,mode=755 tmpfs /run && mkdir -p /run/sshd
 mount -t tmpfs -o size=8g tmpfs /dev/shm
@@ -254,9 +257,10 @@ def _python_environment(venv: Path) -> None:
     """``venv``: this machine's Python with this checkout's dependencies (not clipray) and
     their commands (ray, mlflow, ...) pointing at the host's own interpreter."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = Path(sysconfig.get_paths()["purelib"])  # this checkout's .venv site-packages
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    (venv / "lib" / version / "site-packages" / "_image.pth").write_text(f"{site}\n")
+    # The checkout may live under /tmp or /root, which are private on a host: its site-packages
+    # are bind-mounted at IMAGE_SITE in the host's home (see _boot), and read from there.
+    (venv / "lib" / version / "site-packages" / "_image.pth").write_text(f"{IMAGE_SITE}\n")
     here = Path(sys.executable).parent
     for script in here.iterdir():
         text = script.read_bytes()

@@ -317,13 +317,7 @@ class SweepConfig(_Section):
     num_samples: int = Field(
         4, ge=1, description="configurations in total, the baseline included (each run seeds times)"
     )
-    seeds: int = Field(
-        1,
-        ge=1,
-        le=100,
-        description="paired seeds per configuration: seed k (the file's seed + k) gives every arm "
-        "the same initialisation and data order; Optuna sees the mean over seeds",
-    )
+    seeds: int = Field(1, ge=1, le=100, description="paired seeds per configuration (README)")
     max_concurrent_trials: int = Field(1, ge=1)
     metric: str = Field("agg/mean_corrupted_rsum", description="objective among scoring metrics")
     mode: Literal["max", "min"] = "max"
