@@ -413,7 +413,7 @@ def test_pgd_is_compared_with_its_own_noise_control():
     """The study's question as its own test: PGD minus the noise arm of the same tower, layer and
     epsilon, paired by seed and query; an arm without its control is not in the table."""
     arms = {
-        "baseline": ARMS["baseline"],
+        "baseline": ARMS["baseline"],  # its searched values say pgd: it is no PGD arm all the same
         "pgd": ({"perturb.layer": 1, "perturb.epsilon": 0.01, "perturb.kind": "pgd"}, 1.6, 0.5),
         "noise": ({"perturb.layer": 1, "perturb.epsilon": 0.01, "perturb.kind": "noise"}, 1.6, 0),
         "lone": ({"perturb.layer": 2, "perturb.epsilon": 0.01, "perturb.kind": "pgd"}, 1.6, 0.0),

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from clipray.analysis import document as doc
-from clipray.analysis.results import Trial
+from clipray.analysis.results import BASELINE_ARM, Trial
 from clipray.analysis.stats import Design, bootstrap, holm
 
 KIND = "perturb.kind"
@@ -23,7 +23,7 @@ KIND = "perturb.kind"
 
 def twins(trials: Sequence[Trial]) -> list[tuple[str, str]]:
     """(PGD arm, its noise arm) for every PGD arm whose control was run."""
-    params = {t.arm: t.params for t in trials}
+    params = {t.arm: t.params for t in trials if t.arm != BASELINE_ARM}  # epsilon 0: no kind
     out = []
     for arm, p in params.items():
         if p.get(KIND) == "pgd":
