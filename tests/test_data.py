@@ -521,3 +521,23 @@ def test_varied_backgrounds_keep_every_shape_a_contrast_apart():
         assert np.abs(luma - background).max() >= MIN_CONTRAST - 12  # the shapes stand out
     with pytest.raises(ValueError, match="backgrounds: varied needs captions: layout"):
         SyntheticData(backgrounds="varied", captions="colour")
+
+
+def test_image_files_are_decoded_in_processes_with_the_same_batches(tmp_path):
+    """CSV / Karpathy training images are decoded by ``data.loader_workers`` processes, in step
+    order: training matches decoding on the training thread exactly."""
+    import torch
+
+    from clipray.cli.main import main
+    from clipray.core.trainer import NoHooks, build_trainer
+
+    sizes = ["data.train_size=32", "data.val_size=8", "data.test_size=8"]
+    assert main(["data", "--out", str(tmp_path), *[a for s in sizes for a in ("--set", s)]]) == 0
+    table = f"data={{kind: csv, train: {tmp_path}/train.csv, val: {tmp_path}/val.csv"
+    models = []
+    for workers in (0, 2):
+        over = [f"{table}, loader_workers: {workers}}}", "train.batch_size=8", "train.epochs=2"]
+        trainer = build_trainer(load_experiment(None, over), torch.device("cpu"))
+        trainer.fit(NoHooks())
+        models.append(trainer.clip.model.state_dict())
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])

@@ -1,20 +1,78 @@
-"""Streamed webdataset input inside Ray Train: two DDP workers, each reading its disjoint share
-of the shards and decoding it in its own DataLoader process (forked from the Ray Train worker),
-train a trial to the end and report the data metrics with each checkpoint."""
+"""Streamed webdataset input through Ray Data (what a sweep's ranks use): the same guarantees as
+the process loader (order a function of seed and epoch, exact mid-epoch replay, disjoint ranks,
+damaged samples counted), and inside Ray Train: two DDP workers each streaming their share, with
+either ingest, train a trial to the end and report the data metrics with each checkpoint.
+
+Its own Ray runtime: four logical CPUs on this two-core machine, so two workers and their decode
+tasks fit (Ray counts CPUs, it does not measure them)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+import ray
 import torch
 
+from clipray.sweep.ingest import ray_data_batches
 from clipray.sweep.ray_train import make_trainer, read_checkpoint
-from tests.test_webdataset import _wd
+from tests.test_webdataset import _damaged_shard, _shards, _spec, _wd
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_ray_train_workers_stream_their_shards(ray_runtime, tmp_path):
-    exp = _wd(tmp_path, "train.num_workers=2", "train.cpus_per_worker=1", "data.loader_workers=1")
+@pytest.fixture(scope="module", autouse=True)
+def four_cpus():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _ids(captions: list[str]) -> list[list[int]]:
+    """A tokenizer stand-in that keeps each sample's number: ``sample 7`` -> [7]."""
+    return [[int(c.split()[-1]) if c else -1] for c in captions]
+
+
+def _seen(spec, epoch: int, steps: int, first: int = 0) -> list[int]:
+    batches = ray_data_batches(spec, epoch, first, _ids)
+    return [int(t) for b in itertools.islice(batches, steps - first) for t in b.tokens[:, 0]]
+
+
+def test_order_is_a_function_of_seed_and_epoch_and_replays_exactly(tmp_path):
+    spec = _spec(_shards(tmp_path), workers=2)
+    a = _seen(spec, epoch=0, steps=6)
+    assert a == _seen(spec, epoch=0, steps=6) and len(set(a)) == 24
+    assert a != _seen(spec, epoch=1, steps=6)
+    assert a != _seen(_spec(spec.shards, seed=1, workers=2), epoch=0, steps=6)
+    assert a[8:] == _seen(spec, epoch=0, steps=6, first=2)  # mid-epoch resume: replayed
+
+
+def test_ranks_read_disjoint_shards_and_passes_continue(tmp_path):
+    shards = _shards(tmp_path, n=32, per_shard=8)
+    for epoch in (0, 1):
+        seen = [_seen(_spec(shards, rank=r, world=2, workers=1), epoch, steps=4) for r in (0, 1)]
+        assert len(set(seen[0])) == len(set(seen[1])) == 16  # one pass: each sample once
+        assert not set(seen[0]) & set(seen[1])
+    two_passes = _seen(_spec(shards, workers=1), 0, steps=12)  # 48 samples from 32: a 2nd pass
+    assert len(two_passes) == 48 and set(two_passes) == set(range(32))
+
+
+def test_damaged_samples_are_skipped_and_counted(tmp_path):
+    shard = _damaged_shard(tmp_path / "bad.tar")
+    batch = next(ray_data_batches(_spec([shard], batch=4, workers=1), 0, 0, _ids))
+    assert batch.skipped == 2 and batch.images.shape == (4, 16, 16, 3)
+    assert set(batch.tokens[:, 0].tolist()) <= {0, 3, 4, 5}
+
+
+@pytest.mark.parametrize("ingest", ["ray_data", "processes"])
+def test_two_ray_train_workers_stream_their_shards(tmp_path, ingest):
+    exp = _wd(
+        tmp_path,
+        "train.num_workers=2",
+        "train.cpus_per_worker=1",
+        "data.loader_workers=1",
+        f"data.ingest={ingest}",
+    )
     trainer = make_trainer(exp, name="wd", storage_path=str(tmp_path / "r"), report_to_tune=False)
     blob = read_checkpoint(trainer.fit().checkpoint)
     metrics = blob["history"][-1]

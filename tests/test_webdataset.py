@@ -221,3 +221,16 @@ def test_data_command_refuses_to_overwrite_shards_and_bad_sizes(tmp_path, capsys
     bad = ["data", "--format", "webdataset", "--per-shard", "0", "--out", str(tmp_path / "x")]
     assert main(bad) == 2 and not (tmp_path / "x").exists()
     assert capsys.readouterr().err.count("clipray: error:") == 2
+
+
+def test_ray_data_decode_cpus_count_for_every_concurrent_trial(tmp_path):
+    from clipray.config.errors import ConfigError
+    from clipray.sweep.runtime import check_resources
+
+    over = ("train.num_workers=2", "data.loader_workers=3", "sweep.max_concurrent_trials=2")
+    exp = _wd(tmp_path, *over)  # pool 1 + 2 trials x (0.1 + 2 x (1 + 3)) = 17.2
+    with pytest.raises(ConfigError, match=r"2 trials \(0.1 \+ 2 x 1 CPU \+ 2 x 3 for Ray Data"):
+        check_resources(exp, {"CPU": 17.0}, local=True)
+    check_resources(exp, {"CPU": 17.2}, local=True)
+    processes = _wd(tmp_path, *over, "data.ingest=processes")  # inside the workers: one trial
+    check_resources(processes, {"CPU": 3.1}, local=True)

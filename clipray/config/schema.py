@@ -73,7 +73,13 @@ class SyntheticData(_Section):
     data_seed: Seed = Field(1234, description="the dataset itself; independent of training seed")
 
 
-class CsvData(_Section):
+class _FileData(_Section):  # data read from files: decoded off the training thread
+    loader_workers: int = Field(
+        2, ge=0, le=64, description="decode CPUs per rank; 0: on the training thread (processes)"
+    )
+
+
+class CsvData(_FileData):
     """Image–caption tables: one row per (image path, caption); an image may repeat."""
 
     kind: Literal["csv"] = "csv"
@@ -87,12 +93,12 @@ class CsvData(_Section):
     @model_validator(mode="after")
     def _files_exist(self) -> CsvData:
         for name in ("train", "val", "test"):
-            _require_file(getattr(self, name), f"data.{name}")
-        _require_dir(self.image_root, "data.image_root")
+            _require(getattr(self, name), f"data.{name}")
+        _require(self.image_root, "data.image_root", "directory")
         return self
 
 
-class KarpathyData(_Section):
+class KarpathyData(_FileData):
     """A Karpathy-style ``dataset_*.json`` (Flickr30k, COCO) with its train/val/test split."""
 
     kind: Literal["karpathy"] = "karpathy"
@@ -101,15 +107,15 @@ class KarpathyData(_Section):
 
     @model_validator(mode="after")
     def _files_exist(self) -> KarpathyData:
-        _require_file(self.path, "data.path")
-        _require_dir(self.image_root, "data.image_root")
+        _require(self.path, "data.path")
+        _require(self.image_root, "data.image_root", "directory")
         return self
 
 
 Shards = str | list[str]  # brace patterns, local paths (relative to the file) or s3:// gs:// URIs
 
 
-class WebDatasetData(_Section):
+class WebDatasetData(_FileData):
     """img2dataset tar shards, streamed for training; val/test: small shard sets, in memory."""
 
     kind: Literal["webdataset"] = "webdataset"
@@ -122,8 +128,8 @@ class WebDatasetData(_Section):
     val: Shards
     test: Shards | None = Field(None, description="defaults to the val shards")
     caption_field: str | None = Field(None, description="None: <key>.txt; else this .json field")
-    loader_workers: int = Field(
-        2, ge=0, le=64, description="decode processes per rank; 0: on the training thread"
+    ingest: Literal["ray_data", "processes"] = Field(
+        "ray_data", description="sweeps: Ray Data tasks on any node, or processes per rank"
     )
     shuffle_buffer: int = Field(1000, ge=1, description="samples mixed across a rank's shards")
     max_skip_fraction: float = Field(
@@ -143,14 +149,9 @@ class WebDatasetData(_Section):
         return value
 
 
-def _require_file(path: Path | None, field: str) -> None:
-    if path is not None and not path.is_file():
-        raise ValueError(f"{field}: file not found: {path}")
-
-
-def _require_dir(path: Path | None, field: str) -> None:
-    if path is not None and not path.is_dir():
-        raise ValueError(f"{field}: directory not found: {path}")
+def _require(path: Path | None, field: str, kind: str = "file") -> None:
+    if path is not None and not (path.is_file() if kind == "file" else path.is_dir()):
+        raise ValueError(f"{field}: {kind} not found: {path}")
 
 
 def data_kind(value: Any) -> str | None:
@@ -328,7 +329,7 @@ class SweepConfig(_Section):
 
     @model_validator(mode="after")
     def _space_exists(self) -> SweepConfig:
-        _require_file(self.space, "sweep.space")
+        _require(self.space, "sweep.space")
         if self.seeds > 1 and self.asha.enabled:
             raise ValueError(
                 "seeds: paired seeds and asha.enabled do not mix (ASHA would stop some seeds of "

@@ -128,13 +128,17 @@ class ShardStream(torch.utils.data.IterableDataset):
                 yield _take(buffer, rng)
 
     def _samples(self, pass_: int, worker: int, count: int) -> Iterator[Raw]:
-        s = self.spec
-        mine = epoch_shards(s.shards, s.seed, self.epoch, pass_)[s.rank :: s.world][worker::count]
-        if not mine:
-            raise ValueError(f"rank {s.rank}: no shard to read ({len(s.shards)} shards)")
-        for shard in mine:
+        for shard in rank_shards(self.spec, self.epoch, pass_)[worker::count]:
             for _, raw in guarded(shard, iter_raw(shard)):
                 yield raw
+
+
+def rank_shards(spec: StreamSpec, epoch: int, pass_: int) -> list[str]:
+    """The shards rank ``spec.rank`` reads in pass ``pass_`` of ``epoch``, in order."""
+    mine = epoch_shards(spec.shards, spec.seed, epoch, pass_)[spec.rank :: spec.world]
+    if not mine:
+        raise ValueError(f"rank {spec.rank}: no shard to read ({len(spec.shards)} shards)")
+    return mine
 
 
 def _take(buffer: list, rng: np.random.Generator) -> Any:
@@ -142,6 +146,10 @@ def _take(buffer: list, rng: np.random.Generator) -> Any:
     i = int(rng.integers(len(buffer)))
     buffer[i], buffer[-1] = buffer[-1], buffer[i]
     return buffer.pop()
+
+
+# (spec, epoch, first batch, tokenize) -> batches first, first + 1, ... of that epoch
+BatchSource = Callable[[StreamSpec, int, int, Callable[[list[str]], Any]], Iterator[Batch]]
 
 
 def epoch_batches(

@@ -20,9 +20,10 @@ samples were skipped (``data/skipped``).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -39,7 +40,7 @@ from clipray.core.device import autocast
 from clipray.core.encode import clean_retrieval
 from clipray.core.model import ClipModel, build_model
 from clipray.core.shards import shard_list
-from clipray.core.stream import StreamSpec, epoch_batches
+from clipray.core.stream import BatchSource, StreamSpec, epoch_batches
 from clipray.core.training_loss import ClipTrainingLoss
 
 
@@ -108,8 +109,10 @@ class Trainer:
         val: CaptionedImages,
         device: torch.device,
         ranks: Ranks = SINGLE,
+        source: BatchSource = epoch_batches,
     ):
         self.exp, self.cfg, self.clip = exp, exp.train, clip
+        self.source = source  # streamed batches: decode processes, or Ray Data in a sweep
         self.train_split, self.val_split = train, val
         self.device, self.ranks = device, ranks
         self.local_batch = self.cfg.batch_size // ranks.world_size
@@ -151,24 +154,37 @@ class Trainer:
         return EpochPlan(order, self.caption_start + pick)
 
     def batch(self, plan: EpochPlan, step_in_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = step_in_epoch * self.cfg.batch_size + self.ranks.rank * self.local_batch
-        idx = plan.order[start : start + self.local_batch]
-        split = self.train_split
-        if isinstance(split.images, np.ndarray) and split.images.shape[1] == self.clip.image_size:
-            images = torch.from_numpy(split.images[idx])
-        else:
-            images = torch.from_numpy(np.stack([split.image(i, self.clip.image_size) for i in idx]))
-        return images, self.tokens[plan.caption[idx]]
+        return self._plan_batch()(plan, step_in_epoch)
+
+    def _plan_batch(self) -> Callable[[EpochPlan, int], tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batch of a step, as a picklable function (for decode processes)."""
+        return functools.partial(
+            plan_batch,
+            self.train_split,
+            self.tokens,
+            batch_size=self.cfg.batch_size,
+            offset=self.ranks.rank * self.local_batch,
+            local=self.local_batch,
+            size=self.clip.image_size,
+        )
 
     def batches(self, epoch: int, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """(images, tokens, damaged samples skipped) for steps ``first..`` of ``epoch``: from
         the in-memory plan, or streamed from shards (decoded in worker processes)."""
         if self.stream is None:
-            plan = self.plan(epoch)
-            for s in range(first, self.steps_per_epoch):
-                yield (*self.batch(plan, s), 0)
+            plan, workers = self.plan(epoch), getattr(self.exp.data, "loader_workers", 0)
+            if isinstance(self.train_split.images, np.ndarray) or workers == 0:
+                for s in range(first, self.steps_per_epoch):
+                    yield (*self.batch(plan, s), 0)
+                return
+            steps = _PlanSteps(self._plan_batch(), plan, first, self.steps_per_epoch)  # files:
+            loader = torch.utils.data.DataLoader(  # decoded in worker processes, in step order
+                steps, batch_size=None, num_workers=workers, prefetch_factor=2
+            )
+            for images, tokens in loader:
+                yield images, tokens, 0
             return
-        for b in epoch_batches(self.stream, epoch, first, self.clip.tokenizer):
+        for b in self.source(self.stream, epoch, first, self.clip.tokenizer):
             yield b.images, b.tokens, b.skipped
 
     # ------------------------------------------------------------------------------------ steps
@@ -283,6 +299,39 @@ class Trainer:
         self.resumed_from = self.step
 
 
+def plan_batch(
+    split: CaptionedImages,
+    tokens: torch.Tensor,
+    plan: EpochPlan,
+    step: int,
+    *,
+    batch_size: int,
+    offset: int,
+    local: int,
+    size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, tokens) of one rank's share (``offset``, ``local``) of step ``step``."""
+    idx = plan.order[step * batch_size + offset :][:local]
+    if isinstance(split.images, np.ndarray) and split.images.shape[1] == size:
+        images = torch.from_numpy(split.images[idx])
+    else:
+        images = torch.from_numpy(np.stack([split.image(i, size) for i in idx]))
+    return images, tokens[plan.caption[idx]]
+
+
+class _PlanSteps(torch.utils.data.Dataset):
+    """Steps ``first..end`` of an epoch plan as a map-style dataset: step k -> its batch."""
+
+    def __init__(self, batch: Callable, plan: EpochPlan, first: int, end: int):
+        self.make, self.plan, self.first, self.end = batch, plan, first, end
+
+    def __len__(self) -> int:
+        return self.end - self.first
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.make(self.plan, self.first + k)
+
+
 def _to_cpu_copy(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
@@ -298,15 +347,17 @@ def build_trainer(
     device: torch.device,
     ranks: Ranks = SINGLE,
     resume: dict[str, Any] | None = None,
+    source: BatchSource = epoch_batches,
 ) -> Trainer:
-    """Seeded model (the same on every rank), data and trainer; restored from ``resume``."""
+    """Seeded model (the same on every rank), data and trainer; restored from ``resume``;
+    a webdataset training set streamed by ``source``."""
     torch.manual_seed(exp.seed)
     clip = build_model(exp.model, device)
     if isinstance(exp.data, WebDatasetData):
         train: CaptionedImages | StreamSpec = stream_spec(exp, clip.image_size, ranks)
     else:
         train = load_split(exp.data, "train")
-    trainer = Trainer(exp, clip, train, load_split(exp.data, "val"), device, ranks)
+    trainer = Trainer(exp, clip, train, load_split(exp.data, "val"), device, ranks, source)
     if resume is not None:
         trainer.load_state_dict(resume)
     return trainer

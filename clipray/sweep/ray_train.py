@@ -32,12 +32,14 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from clipray.config.loading import experiment_from_dict
-from clipray.config.schema import Experiment
+from clipray.config.schema import Experiment, WebDatasetData
 from clipray.core import storage
 from clipray.core.checkpoint import load_checkpoint, save_checkpoint
 from clipray.core.contrastive import Ranks
 from clipray.core.device import torch_threads, wants_gpu
+from clipray.core.stream import BatchSource, epoch_batches
 from clipray.core.trainer import build_trainer
+from clipray.sweep.ingest import ray_data_batches
 from clipray.sweep.ray_logging import quiet_logs
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -87,11 +89,18 @@ def worker_loop(config: dict[str, Any]) -> None:
     resume = read_checkpoint(checkpoint) if checkpoint is not None else None
     if stop_requested(config.get("stop_marker"), ranks):
         return  # stopped early before a crash; the trial reads its last checkpoint
-    trainer = build_trainer(exp, ray.train.torch.get_device(), ranks, resume)
+    device = ray.train.torch.get_device()
+    trainer = build_trainer(exp, device, ranks, resume, batch_source(exp))
     hooks = _ReportHooks(config.get("stop_marker"), ranks)
     if recovered and resume is not None:  # report it again, so Ray Train's new record has it
         hooks.on_checkpoint(resume["history"][-1], resume if ranks.rank == 0 else None)
     trainer.fit(hooks)
+
+
+def batch_source(exp: Experiment) -> BatchSource:
+    """How a rank streams a webdataset training set: Ray Data tasks, or decode processes."""
+    ray_data = isinstance(exp.data, WebDatasetData) and exp.data.ingest == "ray_data"
+    return ray_data_batches if ray_data else epoch_batches
 
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints

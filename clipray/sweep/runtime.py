@@ -11,7 +11,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from clipray.config.errors import ConfigError, brief
-from clipray.config.schema import Experiment
+from clipray.config.schema import Experiment, WebDatasetData
 from clipray.core import storage
 from clipray.core.device import wants_gpu
 from clipray.sweep.ray_train import TRAIN_ENV
@@ -131,17 +131,24 @@ def init_ray() -> bool:
 
 def check_resources(exp: Experiment, have: dict[str, float], local: bool) -> None:
     """The pool plus one trial must fit in ``have`` (the cluster's resources), or the first
-    trial would wait forever; on a cluster that may grow, only a warning."""
+    trial would wait forever; on a cluster that may grow, only a warning. With Ray Data decode
+    tasks, every concurrent trial must fit: Tune does not know about the tasks a trial's
+    workers start, and a trial whose tasks find no free CPU would wait forever."""
     sc, tr = exp.eval.scorers, exp.train
+    decode = decode_cpus(exp)
+    trials = exp.sweep.max_concurrent_trials if decode else 1
     trial_gpus = tr.num_workers if wants_gpu(tr.use_gpu, have.get("GPU", 0) > 0) else 0
+    one = f"{exp.sweep.cpus_per_trial:g} + {tr.num_workers} x {tr.cpus_per_worker:g} CPU" + (
+        f" + {tr.num_workers} x {decode} for Ray Data decode tasks" if decode else ""
+    )
     needs = {
         "CPU": (
             sc.num_actors * sc.cpus_per_actor
-            + exp.sweep.cpus_per_trial
-            + tr.num_workers * tr.cpus_per_worker,
-            f"eval.scorers / train.cpus_per_worker / sweep.cpus_per_trial: the scorer pool "
-            f"({sc.num_actors} x {sc.cpus_per_actor} CPU) and one trial ({exp.sweep.cpus_per_trial}"
-            f" + {tr.num_workers} x {tr.cpus_per_worker} CPU)",
+            + trials * (exp.sweep.cpus_per_trial + tr.num_workers * (tr.cpus_per_worker + decode)),
+            f"eval.scorers / train.cpus_per_worker / sweep.cpus_per_trial"
+            f"{' / data.loader_workers / sweep.max_concurrent_trials' if decode else ''}: "
+            f"the scorer pool ({sc.num_actors} x {sc.cpus_per_actor} CPU) and "
+            f"{trials} trial{'s' if trials > 1 else ''} ({one})",
         ),
         "GPU": (
             sc.num_actors * sc.gpus_per_actor + trial_gpus,
@@ -155,6 +162,14 @@ def check_resources(exp: Experiment, have: dict[str, float], local: bool) -> Non
             if local:
                 raise ConfigError(message)
             print(f"warning: {message} (waiting for the autoscaler)", flush=True)
+
+
+def decode_cpus(exp: Experiment) -> int:
+    """CPUs each rank's Ray Data decode tasks take outside its own worker (0: none)."""
+    data = exp.data
+    if isinstance(data, WebDatasetData) and data.ingest == "ray_data":
+        return max(1, data.loader_workers)
+    return 0
 
 
 PROBE_PREFIX = ".clipray-storage-probe-"  # a file the reach check writes and removes again
