@@ -2,12 +2,14 @@
 
 1. Loader alone, one decode CPU: images/s of clipray's stream (read the tar, decode the JPEG,
    resize + centre-crop, shuffle buffer, tokenize, batch) against a plain loop over the same
-   224 px JPEG shards (tarfile + PIL decode + the same resize), all on the calling thread; the
-   stream also with captions left untokenized (the loop does not tokenize).
-2. Training from those shards (one decode process, the training thread with one torch thread)
-   against the same Trainer fed the same images from in-memory arrays (one torch thread): samples/s
-   and the share of step time the training thread waited for its next batch, per epoch. The model
-   (clipray-small-vit at batch 64) costs more per step than decoding its batch.
+   224 px JPEG shards (tarfile + PIL decode + the same resize) on the calling thread: the stream
+   on the calling thread (captions tokenized or not: the loop does not tokenize), in one decode
+   process, and in one Ray Data task.
+2. Training from those shards (one decode process, or one Ray Data decode task; the training
+   thread with one torch thread) against the same Trainer fed the same images from in-memory
+   arrays (one torch thread): samples/s and the share of step time the training thread waited
+   for its next batch, per epoch. The model (clipray-small-vit at batch 64) costs more per step
+   than decoding its batch.
 3. On paper: decode CPUs per GPU to feed ViT-B/32 at 770 samples/s, from the measured decode cost,
    against what cluster.yaml's GPU node type provides.
 4. Scoring at scale: peak RSS of one scorer process (a ``ScorerWorker``, what each Ray actor
@@ -26,9 +28,11 @@ import sys
 import tarfile
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 from PIL import Image
 
@@ -38,14 +42,15 @@ from clipray.core.model import build_model
 from clipray.core.shards import write_shards
 from clipray.core.stream import StreamSpec, epoch_batches
 from clipray.core.trainer import NoHooks, Trainer, build_trainer
+from clipray.sweep.ingest import ray_data_batches
 
-MODEL, SIZE, BATCH = "clipray-small-vit", 64, 64
+MODEL, SIZE, BATCH, PER_SHARD = "clipray-small-vit", 64, 64, 512
 VIT_B32_SAMPLES_PER_S = 770  # per A100 (ARCHITECTURE.md)
 GPU_NODE = ("g5.2xlarge", 8, 1)  # cluster.yaml's worker type: vCPUs, GPUs
 
 
 def make_shards(folder: Path, n: int) -> list[str]:
-    """``n`` 224 px photos-like JPEGs (smooth colour fields plus noise), 128 per shard."""
+    """``n`` 224 px photo-like JPEGs (smooth colour fields plus noise), PER_SHARD per shard."""
     rng = np.random.default_rng(0)
 
     def samples():
@@ -55,7 +60,7 @@ def make_shards(folder: Path, n: int) -> list[str]:
             noisy = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
             yield noisy, [f"a photo number {i} of something colourful"]
 
-    return [str(p) for p in write_shards(samples(), folder, 128)]
+    return [str(p) for p in write_shards(samples(), folder, PER_SHARD)]
 
 
 def plain_loop(shards: list[str], size: int = SIZE) -> int:
@@ -71,38 +76,64 @@ def plain_loop(shards: list[str], size: int = SIZE) -> int:
     return n
 
 
-def loader(shards: list[str], tokenizer, n: int) -> int:
-    spec = StreamSpec(shards, 0, 0, 1, BATCH, SIZE, None, 256, 0)
-    steps = n // BATCH
-    return sum(len(b.images) for b in itertools.islice(epoch_batches(spec, 0, 0, tokenizer), steps))
+def loader(shards: list[str], tokenizer, n: int, workers: int = 0, source=epoch_batches):
+    """(seconds to the n-th image, seconds to the 2n-th) of one run of clipray's stream."""
+    spec = StreamSpec(shards, 0, 0, 1, BATCH, SIZE, None, 256, workers)
+    t0, marks = time.perf_counter(), []
+    with closing(source(spec, 0, 0, tokenizer)) as batches:
+        for i, _ in enumerate(itertools.islice(batches, 2 * n // BATCH), 1):
+            if i * BATCH in (n, 2 * n):
+                marks.append(time.perf_counter() - t0)
+    return marks[0], marks[1]
+
+
+def plain(shards: list[str], n: int):
+    """The same marks for the plain loop over the shards holding the first 2n images."""
+    t0 = time.perf_counter()
+    assert plain_loop(shards[: n // PER_SHARD]) == n
+    one = time.perf_counter() - t0
+    assert plain_loop(shards[n // PER_SHARD : 2 * n // PER_SHARD]) == n
+    return one, time.perf_counter() - t0
 
 
 def bench_loader(shards: list[str], n: int, rounds: int) -> float:
+    """Steady-state images/s, n / (T(2n) - T(n)) within one run: start-up (processes, Ray
+    Data's executor and task workers) and the shuffle buffer's first fill fall before T(n) (the
+    shards hold 3n images, so no run drains its buffer at the end of a pass); start-up is
+    reported apart, T(n) - n / rate."""
     tokenizer = build_model(load_experiment(None, [f"model.name={MODEL}"]).model).tokenizer
     variants = {
-        "plain": lambda: plain_loop(shards),
-        "stream": lambda: loader(shards, tokenizer, n),
-        "untokenized": lambda: loader(shards, list, n),
+        "plain PIL loop over the tars (tarfile + decode + resize/crop)": lambda: plain(shards, n),
+        "clipray stream on the calling thread, captions kept as text": lambda: loader(
+            shards, list, n
+        ),
+        "clipray stream on the calling thread, tokenized": lambda: loader(shards, tokenizer, n),
+        "clipray stream, 1 decode process (`ingest: processes`)": lambda: loader(
+            shards, tokenizer, n, 1
+        ),
+        "clipray stream, 1 Ray Data decode task (`ingest: ray_data`)": lambda: loader(
+            shards, tokenizer, n, 1, ray_data_batches
+        ),
     }
     rates: dict[str, list[float]] = {name: [] for name in variants}
+    starts: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):  # interleaved: machine noise hits every variant alike
         for name, fn in variants.items():
-            t0 = time.perf_counter()
-            count = fn()
-            rates[name].append(count / (time.perf_counter() - t0))
-    plain, stream, bare = (float(np.median(rates[k])) for k in variants)
-    print("| loader, 1 decode CPU (224 px JPEG -> 64 px) | images/s | ms/image | / plain |")
-    print("|---|---:|---:|---:|")
-    print(f"| plain PIL loop over the tars | {plain:.0f} | {1000 / plain:.2f} | 1.00x |")
+            one, two = fn()
+            rates[name].append(n / (two - one))
+            starts[name].append(one - (two - one))
+    median = {name: float(np.median(r)) for name, r in rates.items()}
+    base = next(iter(median.values()))
     print(
-        f"| clipray stream, captions kept as text | {bare:.0f} | {1000 / bare:.2f} | "
-        f"{bare / plain:.2f}x |"
+        "| loader (224 px JPEG -> 64 px), one decode CPU | images/s, steady | ms/image | "
+        "/ plain | start-up |"
     )
-    print(
-        f"| **clipray stream, tokenized (what training gets)** | {stream:.0f} | "
-        f"{1000 / stream:.2f} | **{stream / plain:.2f}x** |\n"
-    )
-    return 1000 / stream
+    print("|---|---:|---:|---:|---:|")
+    for name, rate in median.items():
+        start = 1000 * float(np.median(starts[name]))
+        print(f"| {name} | {rate:.0f} | {1000 / rate:.2f} | {rate / base:.2f}x | {start:.0f} ms |")
+    print()
+    return 1000 / list(median.values())[2]
 
 
 class OneEpoch(NoHooks):
@@ -121,26 +152,31 @@ def bench_training(shards: list[str], n: int, epochs: int) -> None:
     ]  # fmt: skip
     exp = load_experiment(None, over)
     torch.set_num_threads(1)
-    streamed = build_trainer(exp, torch.device("cpu"))
+    runs = {
+        "processes": build_trainer(exp, torch.device("cpu")),
+        "ray_data": build_trainer(exp, torch.device("cpu"), source=ray_data_batches),
+    }
     split = load_split(exp.data, "train")
     arrays = CaptionedImages(split.load_all(SIZE), split.captions, "in memory")
     torch.manual_seed(exp.seed)
     clip = build_model(exp.model)
-    memory = Trainer(exp, clip, arrays, streamed.val_split, torch.device("cpu"))
-    for _ in range(epochs):  # interleaved epoch by epoch: machine noise hits both alike
+    memory = Trainer(exp, clip, arrays, runs["processes"].val_split, torch.device("cpu"))
+    for _ in range(epochs):  # interleaved epoch by epoch: machine noise hits all alike
         memory.fit(OneEpoch())
-        streamed.fit(OneEpoch())
+        for trainer in runs.values():
+            trainer.fit(OneEpoch())
     print(
-        "| epoch | in memory samples/s | shards samples/s | ratio | wait: memory | wait: shards |"
+        "| epoch | in memory samples/s | processes samples/s (ratio) | Ray Data samples/s "
+        "(ratio) | wait: memory | wait: processes | wait: Ray Data |"
     )
-    print("|---:|---:|---:|---:|---:|---:|")
-    for e, (m, s) in enumerate(zip(memory.history, streamed.history, strict=True)):
-        ratio = s["train/samples_per_s"] / m["train/samples_per_s"]
-        print(
-            f"| {e + 1} | {m['train/samples_per_s']:.1f} | {s['train/samples_per_s']:.1f} | "
-            f"{ratio:.2f}x | {100 * m['time/data_wait_fraction']:.1f} % | "
-            f"{100 * s['time/data_wait_fraction']:.1f} % |"
-        )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    rows = zip(memory.history, runs["processes"].history, runs["ray_data"].history, strict=True)
+    for e, (m, p, r) in enumerate(rows):
+        rate = m["train/samples_per_s"]
+        cells = [f"{h['train/samples_per_s']:.1f} ({h['train/samples_per_s'] / rate:.2f}x)"
+                 for h in (p, r)]  # fmt: skip
+        waits = [f"{100 * h['time/data_wait_fraction']:.1f} %" for h in (m, p, r)]
+        print(f"| {e + 1} | {rate:.1f} | {' | '.join(cells)} | {' | '.join(waits)} |")
     print()
 
 
@@ -150,13 +186,16 @@ def on_paper(shards: list[str], ms_per_image: float) -> None:
     ms224 = 1000 * (time.perf_counter() - t0) / count
     cpus = VIT_B32_SAMPLES_PER_S * ms224 / 1000
     name, vcpus, gpus = GPU_NODE
+    exp = load_experiment(Path(__file__).parent.parent / "sweeps" / "cluster.yaml")
+    decode, rank = exp.data.loader_workers, exp.train.cpus_per_worker
     print(
         f"On paper (no GPU here): a 224 px model decodes the JPEG at full scale, "
         f"{ms224:.2f} ms of one core per image measured here ({ms_per_image:.2f} ms for the "
         f"64 px model above, which decodes at half scale). ViT-B/32 at "
         f"{VIT_B32_SAMPLES_PER_S} samples/s per GPU needs {cpus:.1f} decode CPUs per GPU; "
-        f"cluster.yaml's {name} has {vcpus} vCPUs for {gpus} GPU, about {vcpus // gpus - 1} "
-        f"for decoding beside the training process.\n"
+        f"cluster.yaml's {name} has {vcpus} vCPUs for {gpus} GPU; sweeps/cluster.yaml gives "
+        f"each rank {rank:g} CPUs and {decode} Ray Data decode tasks, {decode / cpus:.0f}x "
+        f"what ViT-B/32 needs from such shards.\n"
     )
 
 
@@ -216,11 +255,13 @@ def main() -> None:
         rss_child(int(args.rss_child[0]), args.rss_child[1], args.rss_child[2])
         return
     n = 512 if args.quick else 1024
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # Ray Data's tasks
     with tempfile.TemporaryDirectory() as tmp:
-        shards = make_shards(Path(tmp), n)
+        shards = make_shards(Path(tmp), 3 * n)  # no stream of 2n reaches the end of a pass
         ms = bench_loader(shards, n, 2 if args.quick else 3)
-        bench_training(shards, n, 2 if args.quick else 3)
+        bench_training(shards, 2 * n, 2 if args.quick else 3)  # epochs of 32 steps
         on_paper(shards, ms)
+    ray.shutdown()
     bench_rss((2, 8) if args.quick else (2, 8, 20))
 
 

@@ -22,6 +22,7 @@ import re
 import resource
 import socket
 import struct
+import tarfile
 import time
 import zlib
 from collections import Counter
@@ -789,6 +790,62 @@ case(
     ["train.batch_size", "128"],
     {**SWEEP_FILES, "b.yaml": "train.batch_size: {type: choice, values: [16, 128]}\n"},
 )
+
+
+# ------------------------------------------------------------------------ webdataset shards
+def shard(tmp: Path) -> bytes:
+    """A real img2dataset shard of two samples (as ``clipray data --format webdataset`` writes)."""
+    from clipray.core.shards import write_shards
+
+    pixels = np.full((24, 24, 3), 120, np.uint8)
+    (out,) = write_shards([(pixels, ["a grey square"])] * 2, tmp / ".shard-src", 2)
+    data = out.read_bytes()
+    out.unlink()
+    out.parent.rmdir()
+    return data
+
+
+def wd_files(train: str = "s/{00000..00001}.tar", **shards: Content) -> dict[str, Content]:
+    exp = (
+        f"data: {{kind: webdataset, train: '{train}', train_samples: 4, val: v.tar, "
+        "loader_workers: 0}\ntrain: {batch_size: 2, epochs: 1, warmup_steps: 1}\n"
+    )
+    return {"e.yaml": exp, "v.tar": shard, "s/00000.tar": shard, "s/00001.tar": shard} | shards
+
+
+def _no_caption(data: bytes) -> bytes:
+    """``data`` (a shard) without its first sample's caption members."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(data)) as src, tarfile.open(fileobj=out, mode="w") as dst:
+        for info in src.getmembers():
+            if not info.name.startswith("000000000.") or info.name.endswith(".jpg"):
+                dst.addfile(info, src.extractfile(info))
+    return out.getvalue()
+
+
+TRAIN_WD = ["train", "e.yaml", "--quiet", "--out", "out"]
+S3_UNREACHABLE = {  # an S3 endpoint nothing listens on; credentials so none are looked up
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{PORT}",
+    "AWS_ACCESS_KEY_ID": "x",
+    "AWS_SECRET_ACCESS_KEY": "x",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+for name, argv, files, words in [
+    ("wd-missing-shard", CHECK, wd_files("s/{00000..00002}.tar"), ["shard not found", "00002"]),
+    ("wd-not-a-tar", CHECK, wd_files(**{"s/00001.tar": "no tar\n" * 80}), ["not a readable tar"]),
+    ("wd-empty-tar", CHECK, wd_files(**{"s/00001.tar": b"\0" * 10240}), ["no samples"]),
+    ("wd-empty-range", CHECK, wd_files("s/{00005..00001}.tar"), ["data.train", "empty range"]),
+    ("wd-empty-list", [*CHECK, "--set", "data.train=[]"], wd_files(), ["data.train", "shard"]),
+    ("wd-unknown-ingest", [*CHECK, "--set", "data.ingest=spark"], wd_files(), ["data.ingest"]),
+    ("wd-no-caption", CHECK, wd_files(**{"s/00000.tar": lambda t: _no_caption(shard(t))}),
+     ["00000.tar", "lacks an image or a caption"]),
+    ("wd-unreachable-bucket", TRAIN_WD, wd_files("s3://clipray-b/{00000..00001}.tar"),
+     ["data.train", "s3://clipray-b/00000.tar", "cannot be read"]),
+]:  # fmt: skip
+    env = S3_UNREACHABLE if "bucket" in name else {}
+    case(D, name, argv, words, files, env=env)
+
 
 # --------------------------------------------------------------------------------- checkpoints
 C = "checkpoint"

@@ -61,3 +61,20 @@ def test_the_cluster_sweep_uses_storage_every_node_reaches():
     assert storage.is_remote(exp.storage)
     assert exp.train.use_gpu == "yes" and exp.eval.scorers.gpus_per_actor > 0
     assert exp.eval.cache_dir is not None  # remote storage needs a per-node cache directory
+
+
+VCPUS_GPUS = {"m6i.2xlarge": (8, 0), "g5.2xlarge": (8, 1)}  # AWS's published instance sizes
+
+
+def test_the_cluster_sweep_fits_the_cluster_at_full_size():
+    from clipray.sweep.runtime import check_resources
+
+    cluster, have = _cluster(), {"CPU": 0.0, "GPU": 0.0}
+    for node in cluster["available_node_types"].values():
+        cpus, gpus = VCPUS_GPUS[node["node_config"]["InstanceType"]]
+        count = max(1, node.get("max_workers", 0))  # the head: one
+        have["CPU"], have["GPU"] = have["CPU"] + count * cpus, have["GPU"] + count * gpus
+    exp = load_experiment(REPO / "sweeps" / "cluster.yaml")
+    check_resources(exp, have, local=True)  # pool + every concurrent trial + its decode tasks
+    trials = exp.sweep.max_concurrent_trials * exp.train.num_workers
+    assert trials + exp.eval.scorers.num_actors * exp.eval.scorers.gpus_per_actor <= have["GPU"]

@@ -9,16 +9,20 @@ tasks fit (Ray counts CPUs, it does not measure them)."""
 from __future__ import annotations
 
 import itertools
+import time
+from contextlib import closing
 
 import pytest
 import ray
 import torch
 
+from clipray.core.trainer import NoHooks, build_trainer
 from clipray.sweep.ingest import ray_data_batches
 from clipray.sweep.ray_train import make_trainer, read_checkpoint
 from tests.test_webdataset import _damaged_shard, _shards, _spec, _wd
 
 pytestmark = pytest.mark.slow
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,11 +61,43 @@ def test_ranks_read_disjoint_shards_and_passes_continue(tmp_path):
     assert len(two_passes) == 48 and set(two_passes) == set(range(32))
 
 
+def test_a_stream_closed_mid_pass_gives_its_cpus_back(tmp_path):
+    """An epoch ends before its pass does; the next epoch's tasks must not wait for the last
+    one's (with every CPU held by leftover tasks, they would wait forever)."""
+    spec = _spec(_shards(tmp_path, n=64, per_shard=8), workers=2)
+    for epoch in range(3):
+        with closing(ray_data_batches(spec, epoch, 0, _ids)) as batches:
+            assert len(list(itertools.islice(batches, 2))) == 2
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < 4 and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 4
+
+
 def test_damaged_samples_are_skipped_and_counted(tmp_path):
     shard = _damaged_shard(tmp_path / "bad.tar")
     batch = next(ray_data_batches(_spec([shard], batch=4, workers=1), 0, 0, _ids))
     assert batch.skipped == 2 and batch.images.shape == (4, 16, 16, 3)
     assert set(batch.tokens[:, 0].tolist()) <= {0, 3, 4, 5}
+
+
+def test_training_resumed_mid_epoch_matches_an_uninterrupted_run(tmp_path):
+    over = ("train.epochs=2", "train.checkpoint_every_steps=3", "data.loader_workers=2")
+    straight = build_trainer(_wd(tmp_path, *over), CPU, source=ray_data_batches)
+    blobs = []
+
+    class Keep(NoHooks):
+        def on_checkpoint(self, metrics, blob):
+            blobs.append(blob)
+            return False
+
+    straight.fit(Keep())
+    mid = next(b for b in blobs if b["step"] == 3)  # inside epoch 0 (4 steps per epoch)
+    resumed = build_trainer(_wd(tmp_path, *over), CPU, resume=mid, source=ray_data_batches)
+    resumed.fit(NoHooks())
+    a, b = straight.clip.model.state_dict(), resumed.clip.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.history[-1]["data/skipped"] == 0
 
 
 @pytest.mark.parametrize("ingest", ["ray_data", "processes"])

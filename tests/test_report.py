@@ -319,10 +319,26 @@ def test_ranks_that_disagree_with_the_metrics_are_named(sweep):
 def test_arm_labels_and_the_pareto_front():
     assert arm_label({"perturb.epsilon": 0.0, "perturb.layer": 2}) == "baseline"
     assert arm_label({"perturb.epsilon": "0", "seed": 3}) == "baseline"
-    label = arm_label({"perturb.tower": "image", "perturb.epsilon": 0.0031622, "seed": 1})
-    assert label == "epsilon=0.00316, tower=image"
+    params = {"perturb.tower": "image", "perturb.epsilon": 0.0031622, "seed": 1}
+    assert arm_label(params, digits=3) == "epsilon=0.00316, tower=image"  # run names
+    assert arm_label(params) == "epsilon=0.0031622, tower=image"  # the identity: never merged
+    assert arm_label({"clipray.baseline": True, "perturb.epsilon": 0.01}) == "baseline"
     assert pareto_front([1, 2, 3, 2], [3, 2, 1, 1]) == [0, 1, 2]
     assert pareto_front([1, 1, float("nan")], [1, 0, 5]) == [0]
+
+
+def test_pgd_arms_meet_their_noise_twins_and_the_baseline_is_none():
+    from clipray.analysis.contrast import twins
+    from clipray.analysis.results import Trial
+
+    def trial(**params) -> Trial:
+        params = {"perturb.layer": 1, "perturb.epsilon": 0.008, "perturb.kind": "pgd", **params}
+        return Trial("t", arm_label(params), 0, params, {}, None)
+
+    base = {"perturb.epsilon": 0.0}  # unsearched kind reads pgd; its noise twin is planted
+    trials = [trial(**base), trial(**base, **{"perturb.kind": "noise"}), trial(),
+              trial(**{"perturb.kind": "noise"}), trial(**{"perturb.layer": 2})]  # fmt: skip
+    assert twins(trials) == [(trials[2].arm, trials[3].arm)]
 
 
 def test_a_report_that_fails_at_the_end_of_a_sweep_is_one_line_not_a_failure(sweep, tmp_path):

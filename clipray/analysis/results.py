@@ -31,24 +31,29 @@ from clipray.scoring.plan import OWNERS
 BASELINE_ARM = "baseline"
 SEED = "seed"  # the results column (and MLflow param) of a trial's training seed
 EPSILON = "perturb.epsilon"
+BASELINE_PARAM = "clipray.baseline"  # set in the baseline trial's config
 CLEAN, CORRUPTED = "clean", "corrupted"
 LABELS = {CLEAN: "clean RSUM", CORRUPTED: "mean corrupted RSUM"}
 DIRS = ("i2t", "t2i")  # image->text, text->image
 RSUM_TOLERANCE = 1e-3  # ranks and a logged rsum agree to float32 rounding
 
 
-def arm_label(params: Mapping[str, Any]) -> str:
-    """``baseline`` for epsilon = 0, else the searched values by their last name, sorted:
-    ``epsilon=0.003, kind=noise, layer=2, tower=image`` (as the trials' MLflow run names)."""
-    values = {k: v for k, v in params.items() if k != SEED and v not in ("", None)}
+def arm_label(params: Mapping[str, Any], digits: int = 12) -> str:
+    """The configuration without its seed, what paired seeds of one arm share: ``baseline`` (the
+    sweep's baseline trial, or epsilon = 0), else the searched values by their last name, sorted:
+    ``epsilon=0.003, kind=noise, layer=2, tower=image``. The identity (the ``clipray.arm`` tag a
+    trial writes, and the fallback for runs without it) keeps 12 significant digits, so two
+    sampled epsilons never merge; run names show 3."""
+    skip = (SEED, BASELINE_PARAM)
+    values = {k: v for k, v in params.items() if k not in skip and v not in ("", None)}
     epsilon = values.get(EPSILON)
-    if epsilon is not None and _number(epsilon) == 0.0:
+    if params.get(BASELINE_PARAM) or (epsilon is not None and _number(epsilon) == 0.0):
         return BASELINE_ARM
-    return ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sorted(values.items()))
+    return ", ".join(f"{k.split('.')[-1]}={_fmt(v, digits)}" for k, v in sorted(values.items()))
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+def _fmt(v: Any, digits: int) -> str:
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
 def _number(v: Any) -> float | None:

@@ -184,8 +184,9 @@ class Trainer:
             for images, tokens in loader:
                 yield images, tokens, 0
             return
-        for b in self.source(self.stream, epoch, first, self.clip.tokenizer):
-            yield b.images, b.tokens, b.skipped
+        with closing(self.source(self.stream, epoch, first, self.clip.tokenizer)) as stream:
+            for b in stream:  # closed with this generator: the loader's workers end at once
+                yield b.images, b.tokens, b.skipped
 
     # ------------------------------------------------------------------------------------ steps
     def train_step(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:

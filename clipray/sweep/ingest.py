@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from typing import Any
 
 import numpy as np
@@ -39,22 +40,34 @@ QUIET = {"ray.data": logging.WARNING, "ray.data._internal.progress": logging.ERR
 def ray_data_batches(
     spec: StreamSpec, epoch: int, first: int, tokenize: Callable[[list[str]], Any]
 ) -> Iterator[Batch]:
-    """Batches ``first, first + 1, ...`` of ``epoch`` for this rank (endless: the caller stops)."""
+    """Batches ``first, first + 1, ...`` of ``epoch`` for this rank (endless: the caller stops,
+    and must close this generator: see :func:`_epoch_rows`)."""
     images: list[np.ndarray] = []
     tokens: list[np.ndarray] = []
     skipped, index = 0, 0
-    for pass_ in itertools.count():
-        for rows in _pass_rows(spec, epoch, pass_, tokenize):
-            ok = rows["ok"]
+    with closing(_epoch_rows(spec, epoch, tokenize)) as rows:
+        for block in rows:
+            ok = block["ok"]
             skipped += int((~ok).sum())
-            images.append(rows["image"][ok])
-            tokens.append(rows["tokens"][ok])
+            images.append(block["image"][ok])
+            tokens.append(block["tokens"][ok])
             while sum(len(i) for i in images) >= spec.batch:
                 batch_images, images = _take(images, spec.batch)
                 batch_tokens, tokens = _take(tokens, spec.batch)
                 if index >= first:
                     yield Batch(torch.from_numpy(batch_images), torch.tensor(batch_tokens), skipped)
                 index, skipped = index + 1, 0
+
+
+def _epoch_rows(
+    spec: StreamSpec, epoch: int, tokenize: Callable[[list[str]], Any]
+) -> Iterator[dict[str, np.ndarray]]:
+    """The epoch's rows, pass after pass. Each pass's Ray Data iterator is closed the moment
+    its consumer stops: an executor left to the garbage collector keeps its tasks' CPUs for a
+    while, and the next epoch's tasks would wait for them (with every CPU taken, forever)."""
+    for pass_ in itertools.count():
+        with closing(_pass_rows(spec, epoch, pass_, tokenize)) as rows:
+            yield from rows
 
 
 def _take(parts: list[np.ndarray], n: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -82,13 +95,17 @@ def _pass_rows(
         num_cpus=1,
     )
     seed = int(np.random.SeedSequence([spec.seed, epoch, spec.rank, pass_]).generate_state(1)[0])
-    yield from ds.iter_batches(
-        batch_size=spec.batch,
-        batch_format="numpy",
-        prefetch_batches=PREFETCH_BATCHES,
-        local_shuffle_buffer_size=spec.shuffle_buffer,
-        local_shuffle_seed=seed,
+    batches = iter(
+        ds.iter_batches(
+            batch_size=spec.batch,
+            batch_format="numpy",
+            prefetch_batches=PREFETCH_BATCHES,
+            local_shuffle_buffer_size=spec.shuffle_buffer,
+            local_shuffle_seed=seed,
+        )
     )
+    with closing(batches):  # type: ignore[arg-type]  # a generator; closing shuts the executor
+        yield from batches
 
 
 def _decode_shards(

@@ -21,13 +21,14 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from clipray.analysis.results import BASELINE_PARAM
 from clipray.config.errors import ConfigError
 from clipray.config.loading import get_path
 from clipray.config.schema import Experiment
 from clipray.config.space import Choice, Grid, IntRange, LogUniform, SearchSpace, Uniform
 from clipray.core import storage
 
-BASELINE_KEY = "clipray.baseline"  # marks the baseline trial's config
+BASELINE_KEY = BASELINE_PARAM  # marks the baseline trial's config
 SEED_KEY = "seed"  # the experiment's own seed, set per trial by PairedSeeds
 CLEAN_OBJECTIVE = "clean/rsum"  # the second objective of multi-objective sweeps
 

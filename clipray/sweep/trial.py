@@ -17,6 +17,7 @@ import yaml
 from ray import tune
 
 from clipray.analysis.calibration import LOSSES
+from clipray.analysis.results import arm_label
 from clipray.config.loading import experiment_from_dict, with_values
 from clipray.config.schema import Experiment
 from clipray.core import storage
@@ -144,28 +145,11 @@ def describe(params: dict[str, Any]) -> str:
     return ", ".join(p for p in (arm_label(params, digits=3), seed) if p)
 
 
-def arm_label(params: dict[str, Any], digits: int = 12) -> str:
-    """The configuration without its seed: what paired seeds of one arm share. Its identity
-    (the ``clipray.arm`` tag) keeps 12 significant digits, so two sampled epsilons never merge;
-    run names show 3."""
-    if params.get(BASELINE_KEY):
-        return "baseline"
-    return ", ".join(
-        f"{k.split('.')[-1]}={_fmt(v, digits)}"
-        for k, v in sorted(params.items())
-        if k not in (BASELINE_KEY, SEED_KEY)
-    )
-
-
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """``arrays`` as the bytes of a compressed ``.npz``."""
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return buf.getvalue()
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
 def _with_baseline(
