@@ -708,7 +708,13 @@ def test_the_driver_logs_epochs_once_and_fills_what_a_crash_left_out(tmp_path):
     trial = Trial("run_trial", config={}, stub=True)
     run_id = tracking.runs().trial(trial.trial_id, "t")
     history = [
-        {"step": 16 * e, "epoch": float(e), "train/loss": 3.0 - e, "val/rsum": 100.0 * e}
+        {
+            "step": 16 * e,
+            "epoch": float(e),
+            "train/loss": 3.0 - e,
+            "val/rsum": 100.0 * e,
+            "data/skipped": float(e),
+        }
         for e in (1, 2, 3)
     ]
     checkpoint = tmp_path / "checkpoint_000002"
@@ -722,7 +728,7 @@ def test_the_driver_logs_epochs_once_and_fills_what_a_crash_left_out(tmp_path):
     final = {**history[2], "agg/mean_corrupted_rsum": 200.0, "checkpoint_path": str(checkpoint)}
     callback.on_trial_result(0, [], trial, final)
     client = MlflowClient(uri)
-    for key in ("train/loss", "val/rsum", "epoch"):
+    for key in ("train/loss", "val/rsum", "epoch", "data/skipped"):
         steps = sorted(m.step for m in client.get_metric_history(run_id, key))
         assert steps == [16, 32, 48], (key, steps)
     assert "agg/mean_corrupted_rsum" not in client.get_run(run_id).data.metrics  # the trial's

@@ -29,7 +29,7 @@ class EpochsToMlflow(tune.Callback):
     already, so logging costs training nothing.
     """
 
-    KEYS = ("train/", "val/", "time/")
+    KEYS = ("train/", "val/", "time/", "data/")  # data/: damaged samples skipped (streaming)
 
     def __init__(self, tracking: Tracking, objective: str):
         self.tracking, self.objective = tracking, objective

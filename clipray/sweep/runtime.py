@@ -159,6 +159,8 @@ def check_resources(exp: Experiment, have: dict[str, float], local: bool) -> Non
     for what, (need, message) in needs.items():
         if need > have.get(what, 0.0) + 1e-9:
             message = f"{message} need {need:g} {what}s; this Ray cluster has {have.get(what, 0):g}"
+            if what == "CPU" and decode:
+                message += " (data.ingest=processes decodes inside each rank's own CPUs)"
             if local:
                 raise ConfigError(message)
             print(f"warning: {message} (waiting for the autoscaler)", flush=True)
