@@ -263,6 +263,8 @@ def _python_environment(venv: Path) -> None:
     (venv / "lib" / version / "site-packages" / "_image.pth").write_text(f"{IMAGE_SITE}\n")
     here = Path(sys.executable).parent
     for script in here.iterdir():
+        if not script.is_file():  # e.g. __pycache__ of a .py script a package installs
+            continue
         text = script.read_bytes()
         if script.name == "clipray" or not text.startswith(f"#!{here}/python".encode()):
             continue
