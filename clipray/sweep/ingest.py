@@ -29,12 +29,26 @@ import numpy as np
 import ray
 import torch
 
+from clipray.config.schema import Experiment, WebDatasetData
 from clipray.core.shards import guarded, iter_raw
 from clipray.core.stream import Batch, StreamSpec, decode, rank_shards
 
 ROWS_PER_BLOCK = 256  # decoded rows a read task hands on at a time: bounded memory per task
 PREFETCH_BATCHES = 2
 QUIET = {"ray.data": logging.WARNING, "ray.data._internal.progress": logging.ERROR}
+
+
+def decode_tasks(exp: Experiment) -> int:
+    """Ray Data decode tasks (one CPU each, outside the rank's own reservation) per rank of
+    ``exp``'s training; 0: the rank decodes itself (in memory, or in processes)."""
+    data = exp.data
+    if isinstance(data, WebDatasetData) and data.ingest == "ray_data":
+        return _tasks(data.loader_workers)
+    return 0
+
+
+def _tasks(loader_workers: int) -> int:
+    return max(1, loader_workers)  # 0 means "on the training thread": here, one task
 
 
 def ray_data_batches(
@@ -91,7 +105,7 @@ def _pass_rows(
         _decode_shards,
         fn_kwargs={"size": spec.size, "field": spec.caption_field, "tokenize": tokenize},
         batch_size=1,  # one shard per call
-        compute=ray.data.TaskPoolStrategy(size=max(1, spec.workers)),
+        compute=ray.data.TaskPoolStrategy(size=_tasks(spec.workers)),
         num_cpus=1,
     )
     seed = int(np.random.SeedSequence([spec.seed, epoch, spec.rank, pass_]).generate_state(1)[0])

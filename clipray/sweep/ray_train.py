@@ -32,14 +32,14 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from clipray.config.loading import experiment_from_dict
-from clipray.config.schema import Experiment, WebDatasetData
+from clipray.config.schema import Experiment
 from clipray.core import storage
 from clipray.core.checkpoint import load_checkpoint, save_checkpoint
 from clipray.core.contrastive import Ranks
 from clipray.core.device import torch_threads, wants_gpu
 from clipray.core.stream import BatchSource, epoch_batches
 from clipray.core.trainer import build_trainer
-from clipray.sweep.ingest import ray_data_batches
+from clipray.sweep.ingest import decode_tasks, ray_data_batches
 from clipray.sweep.ray_logging import quiet_logs
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -99,8 +99,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
 def batch_source(exp: Experiment) -> BatchSource:
     """How a rank streams a webdataset training set: Ray Data tasks, or decode processes."""
-    ray_data = isinstance(exp.data, WebDatasetData) and exp.data.ingest == "ray_data"
-    return ray_data_batches if ray_data else epoch_batches
+    return ray_data_batches if decode_tasks(exp) else epoch_batches
 
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints

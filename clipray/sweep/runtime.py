@@ -11,9 +11,10 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from clipray.config.errors import ConfigError, brief
-from clipray.config.schema import Experiment, WebDatasetData
+from clipray.config.schema import Experiment
 from clipray.core import storage
 from clipray.core.device import wants_gpu
+from clipray.sweep.ingest import decode_tasks
 from clipray.sweep.ray_train import TRAIN_ENV
 
 RAY_ENV = {  # the Train settings (clipray.sweep.ray_train.TRAIN_ENV) and the sweep driver's
@@ -135,7 +136,7 @@ def check_resources(exp: Experiment, have: dict[str, float], local: bool) -> Non
     tasks, every concurrent trial must fit: Tune does not know about the tasks a trial's
     workers start, and a trial whose tasks find no free CPU would wait forever."""
     sc, tr = exp.eval.scorers, exp.train
-    decode = decode_cpus(exp)
+    decode = decode_tasks(exp)
     trials = exp.sweep.max_concurrent_trials if decode else 1
     trial_gpus = tr.num_workers if wants_gpu(tr.use_gpu, have.get("GPU", 0) > 0) else 0
     one = f"{exp.sweep.cpus_per_trial:g} + {tr.num_workers} x {tr.cpus_per_worker:g} CPU" + (
@@ -164,14 +165,6 @@ def check_resources(exp: Experiment, have: dict[str, float], local: bool) -> Non
             if local:
                 raise ConfigError(message)
             print(f"warning: {message} (waiting for the autoscaler)", flush=True)
-
-
-def decode_cpus(exp: Experiment) -> int:
-    """CPUs each rank's Ray Data decode tasks take outside its own worker (0: none)."""
-    data = exp.data
-    if isinstance(data, WebDatasetData) and data.ingest == "ray_data":
-        return max(1, data.loader_workers)
-    return 0
 
 
 PROBE_PREFIX = ".clipray-storage-probe-"  # a file the reach check writes and removes again
