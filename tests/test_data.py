@@ -234,6 +234,42 @@ def test_layout_captions_name_no_colour_and_state_count_kind_size_and_place():
     assert set(counts) == {2, 3}  # min_shapes..max_shapes
 
 
+PLURALS = {"circles": "circle", "squares": "square", "triangles": "triangle"}
+PLURALS |= {"diamonds": "diamond", "stars": "star", "crosses": "cross"}
+COUNT_RE = re.compile(
+    rf"\b(a|{'|'.join(NUMBERS[2:])}) ({'|'.join(SIZES)}) ({'|'.join([*SHAPES, *PLURALS])})\b"
+)
+
+
+def _counted(caption: str) -> Counter:
+    """(size, kind) -> how many, as a counts caption states it."""
+    out = Counter()
+    for number, size, kind in COUNT_RE.findall(caption):
+        assert (number == "a") == (kind in SHAPES), caption  # "a star", "two stars"
+        out[(size, PLURALS.get(kind, kind))] += 1 if number == "a" else NUMBERS.index(number)
+    return out
+
+
+def test_counts_captions_tally_the_layout_captions_shapes_without_places():
+    """counts captions describe the very same images as layout captions (same seed), stating how
+    many shapes of each size and kind and nothing about places or colours."""
+    layout = SyntheticData(captions_per_image=5, val_size=64, max_shapes=4)
+    counts = layout.model_copy(update={"captions": "counts"})
+    a, b = load_split(layout, "val"), load_split(counts, "val")
+    assert np.array_equal(a.images, b.images)
+    seen = Counter()
+    for by_place, caps in zip(a.captions, b.captions, strict=True):
+        placed = Counter((size, kind) for size, kind, _ in LAYOUT_RE.findall(by_place[0]))
+        assert all(_counted(c) == placed for c in caps) and len(set(caps)) == 5, caps
+        n = sum(placed.values())
+        seen[n] += 1
+        words = {w.strip(",.:;") for c in caps for w in c.split()}
+        assert not words & (set(COLOURS) | set(BACKGROUNDS) | {"top", "left", "center"}), caps
+        assert NUMBERS[n] in caps[1] and NUMBERS[n] in caps[4], caps
+        seen["plural"] += any(v > 1 for v in placed.values())
+    assert set(seen) - {"plural"} == {2, 3, 4} and seen["plural"] >= 5
+
+
 def test_layout_shapes_contrast_with_their_background():
     """Colours vary but every shape stands out by at least MIN_CONTRAST luma steps, so contrast,
     brightness and fog leave it visible (its caption stays true)."""

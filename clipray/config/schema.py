@@ -45,16 +45,18 @@ class SyntheticData(_Section):
     test_size: int = Field(256, ge=1, description="scored under every corruption")
     image_size: int = Field(64, ge=16, le=512, description="matches the tiny models' input size")
     captions_per_image: int = Field(2, ge=1, le=5, description="exercises multi-caption recall")
-    captions: Literal["layout", "colour"] = Field(
+    captions: Literal["layout", "counts", "colour"] = Field(
         "layout",
         description="layout: kind, size, count and position only, facts every corruption keeps "
-        "(colours vary but are not named, so a corruption is a nuisance); colour: also the "
-        "shape and background colours, which brightness, contrast, fog and frost change",
+        "(colours vary but are not named, so a corruption is a nuisance); counts: how many "
+        "shapes of each size and kind, places unnamed (a tiny CLIP learns counts, sizes and "
+        "kinds, places not in a study's budget: BENCHMARKS.md); colour: also the shape and "
+        "background colours, which brightness, contrast, fog and frost change",
     )
     backgrounds: Literal["palette", "varied"] = Field(
         "palette",
         description="palette: dark or light backgrounds, shapes in named colours; varied (layout "
-        "captions only): any background and shape colour a contrast apart, so a model cannot "
+        "or counts captions): any background and shape colour a contrast apart, so a model cannot "
         "lean on absolute brightness (which brightness, contrast, fog and snow change)",
     )
     min_shapes: int = Field(2, ge=1, le=4, description="2: few images share a layout caption")
@@ -63,7 +65,9 @@ class SyntheticData(_Section):
     @model_validator(mode="after")
     def _shape_range(self) -> SyntheticData:
         if self.backgrounds == "varied" and self.captions == "colour":
-            raise ValueError("backgrounds: varied needs captions: layout (colour names colours)")
+            raise ValueError(
+                "backgrounds: varied needs captions: layout or counts (colour names colours)"
+            )
         if self.min_shapes > self.max_shapes:
             raise ValueError(
                 f"min_shapes ({self.min_shapes}) must not exceed max_shapes ({self.max_shapes})"

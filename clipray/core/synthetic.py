@@ -4,7 +4,8 @@ Each image holds ``min_shapes..max_shapes`` shapes of varied kind, colour, size 
 on a varied background. Its ``layout`` captions (the default) state what every corruption keeps:
 each shape's kind, size and grid cell, and how many there are; colours vary but are never named,
 and each shape contrasts with its background, so a corrupted image still shows what its caption
-says and a corruption is a nuisance, not a changed fact. ``colour`` captions also name the shape
+says and a corruption is a nuisance, not a changed fact. ``counts`` captions say how many shapes
+of each size and kind there are and leave places out. ``colour`` captions also name the shape
 and background colours (which brightness, contrast, fog and frost change). Few captions are shared
 between images, so retrieval is a real task. Image ``i`` of a split depends only on
 ``(data_seed, split, i)``.
@@ -12,6 +13,7 @@ between images, so retrieval is a real task. Image ``i`` of a split depends only
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -101,7 +103,7 @@ COLOUR_TEMPLATES = [  # colour captions: shapes, then the background's colour
     lambda parts, bg: f"{_join(parts)}; the background is {bg}",
 ]
 NUMBERS = ["no", "one", "two", "three", "four"]
-LAYOUT_TEMPLATES = [  # layout captions: the count, said or implied, and each shape
+LAYOUT_TEMPLATES = [  # layout and counts captions: the count, said or implied, and each part
     lambda parts, n: _join(parts),
     lambda parts, n: f"{NUMBERS[n]} shape{'s' if n > 1 else ''}: {_join(parts)}",
     lambda parts, n: f"picture of {_join(parts)}",
@@ -110,15 +112,33 @@ LAYOUT_TEMPLATES = [  # layout captions: the count, said or implied, and each sh
 ]
 
 
+def _inventory(shapes: list) -> list[str]:
+    """``counts`` captions: how many shapes of each size and kind, most frequent first."""
+    tally = Counter((size, kind) for kind, _, size, _ in shapes)
+    items = sorted(tally.items(), key=lambda item: (-item[1], item[0]))
+    return [
+        f"{NUMBERS[n]} {size} {_plural(kind)}" if n > 1 else f"a {size} {kind}"
+        for (size, kind), n in items
+    ]
+
+
+def _plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith("s") else "s")
+
+
 def _captions(shapes: list, background: str, cfg: SyntheticData, rng: np.random.Generator):
-    """``captions_per_image`` distinct paraphrases of the same facts (shape order and template
+    """``captions_per_image`` distinct paraphrases of the same facts (part order and template
     vary)."""
     colour = cfg.captions == "colour"
+    if cfg.captions == "counts":
+        facts = _inventory(shapes)
+    else:
+        facts = [_describe(shape, colour) for shape in shapes]
     out = []
     for k in range(cfg.captions_per_image):
         # layout: always in reading order (row by row), as a person would list a grid
-        order = rng.permutation(len(shapes)) if k and colour else np.arange(len(shapes))
-        parts = [_describe(shapes[j], colour) for j in order]
+        shuffle = k and cfg.captions != "layout"
+        parts = [facts[j] for j in (rng.permutation(len(facts)) if shuffle else range(len(facts)))]
         # a different template per caption keeps them distinct
         if colour:
             out.append(COLOUR_TEMPLATES[k](parts, background))
