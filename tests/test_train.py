@@ -63,6 +63,8 @@ def test_clean_step_matches_a_plain_open_clip_loop():
             {"params": rest, "weight_decay": 0.0},
         ],
         lr=cfg.lr,
+        betas=(0.9, 0.98),  # CLIP's
+        eps=1e-6,
     )
     loss_fn = ClipLoss()
     plan = trainer.plan(0)

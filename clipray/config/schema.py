@@ -230,6 +230,12 @@ class TrainConfig(_Section):
     batch_size: int = Field(64, ge=2, description="global batch; split evenly across workers")
     lr: float = Field(1e-3, gt=0.0, description="high enough for a tiny model to move in 2 epochs")
     weight_decay: float = Field(0.1, ge=0.0, description="CLIP's value")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.98),
+        description="AdamW's; CLIP's beta2 0.98 keeps runs from stalling that 0.999 lets stall "
+        "(BENCHMARKS.md: What the tiny model learns)",
+    )
+    eps: float = Field(1e-6, gt=0.0, description="AdamW's; CLIP's value")
     warmup_steps: int = Field(10, ge=0)
     grad_clip: float | None = Field(1.0, gt=0.0, description="max global grad norm; None: off")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -243,6 +249,13 @@ class TrainConfig(_Section):
         None, ge=1, description="None: at every epoch end only"
     )
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError("both betas must lie in [0, 1)")
+        return value
 
     @field_validator("use_gpu", mode="before")
     @classmethod

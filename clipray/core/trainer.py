@@ -136,7 +136,10 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.wrapped = DistributedDataParallel(self.loss, device_ids=ids)
         self.optimizer = torch.optim.AdamW(
-            param_groups(clip.model, self.cfg.weight_decay), lr=self.cfg.lr
+            param_groups(clip.model, self.cfg.weight_decay),
+            lr=self.cfg.lr,
+            betas=self.cfg.betas,
+            eps=self.cfg.eps,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.cfg.warmup_steps, self.total_steps)
