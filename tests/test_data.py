@@ -577,3 +577,35 @@ def test_image_files_are_decoded_in_processes_with_the_same_batches(tmp_path):
         trainer.fit(NoHooks())
         models.append(trainer.clip.model.state_dict())
     assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
+def test_caption_probe_speaks_the_layout_captions_language_and_changes_one_fact():
+    """benchmarks/probe_captions.py (what has a model learnt?): its true captions are the training
+    captions word for word, and each foil changes exactly the fact it names."""
+    from benchmarks.probe_captions import FOILS, describe, foil, parse
+
+    rng = np.random.default_rng(0)
+    data = load_split(SyntheticData(val_size=64, max_shapes=4), "val")
+    changed = Counter()
+    for caps in data.captions:
+        shapes = parse(caps[0])
+        assert describe(shapes) == caps[0]
+        for which in FOILS:
+            other = foil(shapes, which, rng)
+            if other is None:  # swap kinds: every shape of one kind
+                assert len({k for _, k, _ in shapes}) == 1
+                continue
+            changed[which] += 1
+            a, b = set(shapes), set(other)
+            if which == "drop":
+                assert b < a and len(a - b) == 1
+                continue
+            assert len(other) == len(shapes) and a != b
+            assert sorted(k for _, k, _ in shapes) == sorted(k for _, k, _ in other) or (
+                which == "kind" and len(a - b) == 1
+            )
+            keep = {"kind": (0, 2), "size": (1, 2), "place": (0, 1), "swap kinds": (0, 2)}[which]
+            assert sorted(tuple(s[i] for i in keep) for s in shapes) == sorted(
+                tuple(s[i] for i in keep) for s in other
+            ), which
+    assert min(changed.values()) >= 48
