@@ -232,8 +232,8 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.1, ge=0.0, description="CLIP's value")
     betas: tuple[float, float] = Field(
         (0.9, 0.98),
-        description="AdamW's; CLIP's beta2 0.98 keeps runs from stalling that 0.999 lets stall "
-        "(BENCHMARKS.md: What the tiny model learns)",
+        description="AdamW's (beta1, beta2); CLIP's 0.98: with torch's 0.999 some seeds never "
+        "started learning (BENCHMARKS.md: What the tiny model learns)",
     )
     eps: float = Field(1e-6, gt=0.0, description="AdamW's; CLIP's value")
     warmup_steps: int = Field(10, ge=0)

@@ -6,8 +6,9 @@ each shape's kind, size and grid cell, and how many there are; colours vary but 
 and each shape contrasts with its background, so a corrupted image still shows what its caption
 says and a corruption is a nuisance, not a changed fact. ``counts`` captions say how many shapes
 of each size and kind there are and leave places out. ``colour`` captions also name the shape
-and background colours (which brightness, contrast, fog and frost change). Few captions are shared
-between images, so retrieval is a real task. Image ``i`` of a split depends only on
+and background colours (which brightness, contrast, fog and frost change). Few layout captions
+are shared between images, so retrieval is a real task (counts captions: about a quarter of the
+test images share their facts with another). Image ``i`` of a split depends only on
 ``(data_seed, split, i)``.
 """
 
