@@ -304,7 +304,7 @@ for name, text, words in [
     ("below-range", "train: {epochs: 0}\n", ["train.epochs", "greater than or equal to 1"]),
     ("negative-lr", "train: {lr: -0.1}\n", ["train.lr", "greater than 0"]),
     ("infinite-lr", "train: {lr: .inf}\n", ["train.lr", "finite"]),
-    ("beta-of-1", "train: {betas: [0.9, 1.0]}\n", ["train.betas", "[0, 1)"]),
+    ("beta-of-1", "train: {betas: [0.9, 1.0]}\n", ["train.betas.1", "less than 1"]),
     ("one-beta", "train: {betas: [0.9]}\n", ["train.betas", "required"]),
     ("nan-epsilon", "perturb: {epsilon: .nan}\n", ["perturb.epsilon", "finite"]),
     ("huge-integer", "train: {lr: " + "9" * 5000 + "}\n", ["not valid YAML", "4300 digits"]),

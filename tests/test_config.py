@@ -121,6 +121,7 @@ def _changed_value(path: str, field: Any) -> Any:
         "model.pretrained": str(Path(__file__).resolve()),  # any existing file passes the check
         "eval.corruptions": ["extra"],
         "eval.severities": [2, 4],
+        "train.betas": [0.85, 0.95],
         "eval.cache_dir": "cache",
         "tracking.uri": "sqlite:///x.db",
         "tracking.experiment": "other",
