@@ -24,7 +24,14 @@ from clipray.config.loading import load_experiment
 from clipray.core.checkpoint import read_weights
 from clipray.core.encode import embed_images, embed_texts
 from clipray.core.model import build_model, tokenizer
-from clipray.core.synthetic import LAYOUT_TEMPLATES, POSITIONS, SHAPES, SIZES, synthetic_image
+from clipray.core.synthetic import (
+    LAYOUT_TEMPLATES,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    _describe,
+    synthetic_image,
+)
 
 FOILS = ("kind", "size", "place", "drop", "swap kinds")
 
@@ -40,7 +47,8 @@ def parse(caption: str) -> list[tuple[str, str, int]]:
 
 def describe(shapes: list[tuple[str, str, int]]) -> str:
     ordered = sorted(shapes, key=lambda s: s[2])  # layout captions list shapes in reading order
-    return LAYOUT_TEMPLATES[0]([f"a {s} {k} {POSITIONS[c]}" for s, k, c in ordered], len(shapes))
+    parts = [_describe((kind, None, size, cell), colour=False) for size, kind, cell in ordered]
+    return LAYOUT_TEMPLATES[0](parts, len(shapes))
 
 
 def foil(shapes: list, which: str, rng: np.random.Generator) -> list | None:
