@@ -21,6 +21,7 @@ import torch
 from clipray.config.architectures import check_pretrained, image_size, tower_depths
 from clipray.config.schema import ModelConfig
 from clipray.core.checkpoint import load_state, read_weights
+from clipray.core.tokens import fast
 
 
 @dataclass
@@ -95,9 +96,10 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ClipMod
 
 @dataclass(frozen=True)
 class Tokenizer:
-    """open_clip's tokenizer for ``name``, built once per process: it pickles as its name
-    (what decode processes and Ray Data tasks receive) rather than as its 2 MB vocabulary, which
-    each Ray task would otherwise deserialize again (measured: a third of a task's time)."""
+    """open_clip's tokenizer for ``name`` (made fast: :mod:`clipray.core.tokens`), built once
+    per process: it pickles as its name (what decode processes and Ray Data tasks receive) rather
+    than as its 2 MB vocabulary, which each Ray task would otherwise deserialize again (measured:
+    a third of a task's time)."""
 
     name: str
 
@@ -108,7 +110,7 @@ class Tokenizer:
 @functools.cache
 def _open_clip_tokenizer(name: str) -> Any:
     with _quiet_root_logger():
-        return open_clip.get_tokenizer(name)
+        return fast(open_clip.get_tokenizer(name))
 
 
 def tokenizer(name: str) -> Tokenizer:
