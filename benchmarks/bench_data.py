@@ -10,6 +10,7 @@
    arrays (one torch thread): samples/s and the share of step time the training thread waited
    for its next batch, per epoch. The model (clipray-small-vit at batch 64) costs more per step
    than decoding its batch.
+   Beside it, the tokenizer alone: open_clip's against clipray's (the same ids), per caption.
 3. On paper: decode CPUs per GPU to feed ViT-B/32 at 770 samples/s, from the measured decode cost,
    against what cluster.yaml's GPU node type provides.
 4. Scoring at scale: peak RSS of one scorer process (a ``ScorerWorker``, what each Ray actor
@@ -37,10 +38,13 @@ import torch
 from PIL import Image
 
 from clipray.config.loading import load_experiment
+from clipray.config.schema import SyntheticData
 from clipray.core.data import CaptionedImages, load_split, resize_crop
 from clipray.core.model import build_model
 from clipray.core.shards import write_shards
 from clipray.core.stream import StreamSpec, epoch_batches
+from clipray.core.synthetic import synthetic_image
+from clipray.core.tokens import fast
 from clipray.core.trainer import NoHooks, Trainer, build_trainer
 from clipray.sweep.ingest import ray_data_batches
 
@@ -134,6 +138,40 @@ def bench_loader(shards: list[str], n: int, rounds: int) -> float:
         print(f"| {name} | {rate:.0f} | {1000 / rate:.2f} | {rate / base:.2f}x | {start:.0f} ms |")
     print()
     return 1000 / list(median.values())[2]
+
+
+def bench_tokenizer(rounds: int) -> None:
+    """us per caption, open_clip's CLIP tokenizer against clipray's wrapper of it (a cold word
+    cache each round), on captions with a small vocabulary and on captions of unseen words."""
+    import open_clip
+
+    rng = np.random.default_rng(0)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    sets = {
+        "the shards' captions (`a photo number 7 of ...`)": [
+            f"a photo number {i} of something colourful" for i in range(2048)
+        ],
+        "synthetic layout captions": [
+            c for i in range(512) for c in synthetic_image(SyntheticData(), "train", i)[1]
+        ],
+        "10 never-seen words each (every word a cache miss)": [
+            " ".join("".join(rng.choice(letters, 8)) for _ in range(10)) for _ in range(1024)
+        ],
+    }
+    print("| captions | open_clip us/caption | clipray us/caption | speed-up |")
+    print("|---|---:|---:|---:|")
+    for name, captions in sets.items():
+        best = {"open_clip": np.inf, "clipray": np.inf}
+        for _ in range(rounds):
+            for kind in best:
+                tok = open_clip.get_tokenizer(MODEL)
+                tok = fast(tok) if kind == "clipray" else tok
+                t0 = time.perf_counter()
+                tok(captions)
+                best[kind] = min(best[kind], (time.perf_counter() - t0) / len(captions))
+        a, b = 1e6 * best["open_clip"], 1e6 * best["clipray"]
+        print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.1f}x |")
+    print()
 
 
 class OneEpoch(NoHooks):
@@ -259,6 +297,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp), 3 * n)  # no stream of 2n reaches the end of a pass
         ms = bench_loader(shards, n, 2 if args.quick else 3)
+        bench_tokenizer(2 if args.quick else 3)
         bench_training(shards, 2 * n, 2 if args.quick else 3)  # epochs of 32 steps
         on_paper(shards, ms)
     ray.shutdown()
