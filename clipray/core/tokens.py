@@ -14,7 +14,7 @@ compares both on printable, non-ASCII, HTML-escaped, over-long and special-token
 - a word's ids are a function of the word alone (open_clip's byte-level BPE of it), so they are
   cached per word, up to ``CACHE_WORDS``; a word seen for the first time costs what it costs
   open_clip, less its share of ftfy;
-- the padded id array is filled in one numpy pass.
+- rows are written into one numpy array (open_clip makes a tensor per row).
 
 Tokenizers other than ``SimpleTokenizer`` with its default cleaning (``lower``) and truncation
 (the HF tokenizers of some open_clip models, reduction masks) are used as they are.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-CACHE_WORDS = 500_000  # distinct words kept (web captions are Zipfian; ~100 MB at most)
+CACHE_WORDS = 200_000  # words kept per process: ~60 MB with open_clip's own BPE cache of them
 
 
 def _plain(text: str) -> bool:
