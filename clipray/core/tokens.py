@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from open_clip.tokenizer import SimpleTokenizer
+from open_clip.tokenizer import SimpleTokenizer, _clean_lower
 
 CACHE_WORDS = 200_000  # words kept per process: ~60 MB with open_clip's own BPE cache of them
 
@@ -81,7 +81,7 @@ def fast(tokenizer: Any) -> Any:
     if (
         type(tokenizer) is SimpleTokenizer
         and tokenizer.reduction_fn is None
-        and tokenizer.clean_fn.__name__ == "_clean_lower"
+        and tokenizer.clean_fn is _clean_lower
     ):
         return FastClipTokenizer(tokenizer)
     return tokenizer
