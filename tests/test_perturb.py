@@ -13,6 +13,7 @@ from clipray.config.schema import PerturbConfig
 from clipray.core.contrastive import symmetric_ce
 from clipray.core.perturb import NORMS, feature_scale, get_norm, noise, pgd, split_at
 from clipray.core.towers import split_tower
+from clipray.core.training_loss import ClipTrainingLoss
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,24 @@ def test_batchnorm_statistics_are_untouched_by_pgd_passes(batch):
     pgd({"image": point}, _objective(rn, batch, "image"), cfg)
     after = {k: v for k, v in rn.state_dict().items() if "running" in k}
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("kind", ["pgd", "noise"])
+@pytest.mark.parametrize("layer", [0, 1, 3])
+def test_a_perturbed_training_step_through_batchnorm_backpropagates(batch, kind, layer):
+    """A whole training step on the ResNet tower (clean pass, perturbation, perturbed pass,
+    backward): it runs, and the running statistics move exactly as under the clean pass alone."""
+    states = []
+    for perturb in (None, PerturbConfig(kind=kind, layer=layer, epsilon=0.05, steps=2)):
+        torch.manual_seed(0)
+        rn = open_clip.create_model("clipray-tiny-rn").train()
+        if perturb is None:
+            rn.encode_image(batch[0])
+        else:
+            ClipTrainingLoss(rn, perturb)(*batch)["loss"].backward()
+            assert all(p.grad is not None for p in rn.visual.parameters())
+        states.append({k: v for k, v in rn.state_dict().items() if "running" in k})
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 def test_unknown_norm_lists_the_known_ones():

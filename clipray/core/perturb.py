@@ -104,15 +104,25 @@ def feature_scale(h: torch.Tensor, cfg: PerturbConfig, batch_dim: int) -> torch.
 
 
 @contextmanager
-def frozen_buffers(modules: list[nn.Module]) -> Iterator[None]:
-    """Restore buffers (BatchNorm running stats) after PGD's extra forward passes."""
-    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+def batch_statistics_only(modules: list[nn.Module]) -> Iterator[None]:
+    """Inside, every BatchNorm layer of ``modules`` normalises with its batch's own statistics
+    and leaves its running statistics alone, for the perturbed passes (PGD's steps, the
+    adversarial or noise pass): the running statistics describe clean features, and updating
+    them in place would also break the clean pass's backward, which saved them."""
+    norms = {
+        id(m): m
+        for module in modules
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    }.values()
+    saved = [(m, m.running_mean, m.running_var, m.num_batches_tracked) for m in norms]
     try:
+        for m in norms:
+            m.running_mean = m.running_var = m.num_batches_tracked = None
         yield
     finally:
-        with torch.no_grad():
-            for buf, value in saved:
-                buf.copy_(value)
+        for m, mean, var, count in saved:
+            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
 
 
 @dataclass
@@ -150,7 +160,7 @@ def pgd(
         b = points[t].split.batch_dim
         deltas[t] = norm.sample(h, radius[t], b) if cfg.random_start else torch.zeros_like(h)
     modules = [m for p in points.values() for m in p.split.modules]
-    with frozen_buffers(modules), torch.enable_grad():
+    with batch_statistics_only(modules), torch.enable_grad():
         for _ in range(cfg.steps):
             for d in deltas.values():
                 d.requires_grad_(True)
