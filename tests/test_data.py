@@ -559,6 +559,25 @@ def test_varied_backgrounds_keep_every_shape_a_contrast_apart():
         SyntheticData(backgrounds="varied", captions="colour")
 
 
+def _noise_sd(img: np.ndarray) -> float:
+    """Pixel noise of a mostly flat image: MAD of neighbouring-pixel differences (edges are
+    outliers), as a normal standard deviation of one pixel."""
+    d = np.diff(img.astype(float), axis=1).ravel()
+    return 1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2)
+
+
+def test_grain_draws_each_images_noise_level_from_zero_to_grain():
+    """grain 0 keeps the mild uniform +-6 texture (sd 3.74); grain 15 gives Gaussian grain whose
+    sd is drawn per image from [0, 15]."""
+    flat = [_noise_sd(im) for im in load_split(SyntheticData(val_size=40), "val").images]
+    assert 3.2 < min(flat) and max(flat) < 4.3
+    grainy = [
+        _noise_sd(im) for im in load_split(SyntheticData(val_size=60, grain=15), "val").images
+    ]
+    assert max(grainy) < 16.5 and min(grainy) < 4 and max(grainy) > 11
+    assert 5.5 < np.mean(grainy) < 9.5  # uniform on [0, 15]: mean 7.5
+
+
 def test_image_files_are_decoded_in_processes_with_the_same_batches(tmp_path):
     """CSV / Karpathy training images are decoded by ``data.loader_workers`` processes, in step
     order: training matches decoding on the training thread exactly."""

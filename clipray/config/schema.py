@@ -59,6 +59,15 @@ class SyntheticData(_Section):
         "or counts captions): any background and shape colour a contrast apart, so a model cannot "
         "lean on absolute brightness (which brightness, contrast, fog and snow change)",
     )
+    grain: float = Field(
+        0.0,
+        ge=0,
+        le=64,
+        description="0: a mild uniform +-6-level texture; > 0: Gaussian grain whose standard "
+        "deviation (in 0-255 levels) is drawn per image from [0, grain], the sensor noise photos "
+        "have (15 in the default sweep: a model trained without it loses most of its retrieval "
+        "to the mildest noise corruption, BENCHMARKS.md)",
+    )
     min_shapes: int = Field(2, ge=1, le=4, description="2: few images share a layout caption")
     max_shapes: int = Field(3, ge=1, le=4, description="min..max shapes per image")
 

@@ -192,8 +192,17 @@ def synthetic_image(cfg: SyntheticData, split: str, index: int) -> tuple[np.ndar
         cx, cy = (col + 0.5) * s / 3 + jitter[0], (row + 0.5) * s / 3 + jitter[1]
         SHAPES[kind](draw, cx, cy, SIZES[size] * s, colours[colour])
         shapes.append((kind, colour, size, pos))
-    pixels = np.asarray(img, dtype=np.int16) + rng.integers(-6, 7, size=(s, s, 3))  # mild texture
-    return np.clip(pixels, 0, 255).astype(np.uint8), _captions(shapes, background, cfg, rng)
+    return _grain(np.asarray(img), cfg.grain, rng), _captions(shapes, background, cfg, rng)
+
+
+def _grain(pixels: np.ndarray, grain: float, rng: np.random.Generator) -> np.ndarray:
+    """A mild uniform texture (``grain`` 0), or Gaussian grain of a per-image standard deviation
+    drawn from ``[0, grain]`` levels."""
+    if grain:
+        noise = np.rint(rng.normal(0.0, rng.uniform(0.0, grain), size=pixels.shape))
+    else:
+        noise = rng.integers(-6, 7, size=pixels.shape)
+    return np.clip(pixels.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 
 
 def _varied_colours(rng: np.random.Generator) -> tuple[dict, tuple[int, int, int]]:
