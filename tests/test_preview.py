@@ -39,7 +39,7 @@ def test_preview_is_the_expected_grid_with_the_scorers_cells(preview):
     picture = Image.open(preview)
     assert picture.format == "PNG" and picture.mode == "RGB"
     assert picture.size == (geo.width, geo.height(5, len(names)))
-    assert geo.scale == 2 and preview.stat().st_size < 400_000
+    assert geo.scale == 2 and preview.stat().st_size < 500_000  # grain does not compress
     # the weather family's first row, severity 3: the cache's cell for image INDEX, shown x2
     images = split.load_all(64)[: INDEX + 1]
     cell = corrupt_batch(images, "snow", 3, exp.eval.seed)[INDEX]
