@@ -381,7 +381,7 @@ def test_train_shows_progress_and_ends_with_clean_val_recall(straight_run):
 
 def test_the_checkpoint_loads_as_pretrained_weights(straight_run):
     ckpt = straight_run["dir"] / "checkpoint.pt"
-    exp = load_experiment(None, [f"model.pretrained={ckpt}"])
+    exp = load_experiment(DEFAULT_SWEEP, [f"model.pretrained={ckpt}"])
     model = build_model(exp.model).model
     expected = _weights(ckpt)
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
