@@ -523,11 +523,11 @@ def test_missing_tables_are_caught_when_the_config_loads(tmp_path):
 
 def test_synthetic_data_exported_to_disk_reads_back_identically(tmp_path, capsys):
     """`clipray data` writes the synthetic dataset as PNG + CSV; `kind: csv` reads the same data."""
-    from clipray.cli.main import main
+    from clipray.cli.main import DEFAULT_SWEEP, main
 
     sizes = ["--set", "data.train_size=6", "--set", "data.val_size=3", "--set", "data.test_size=3"]
-    assert main(["data", "--out", str(tmp_path), *sizes]) == 0
-    exp = load_experiment(None, [s for s in sizes if s != "--set"])
+    assert main(["data", "--out", str(tmp_path), *sizes]) == 0  # the default sweep's data
+    exp = load_experiment(DEFAULT_SWEEP, [s for s in sizes if s != "--set"])
     csv_cfg = load_experiment(
         None,
         [

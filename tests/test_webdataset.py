@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from clipray.cli.main import main
+from clipray.cli.main import DEFAULT_SWEEP, main
 from clipray.config.loading import load_experiment
 from clipray.core.data import load_split
 from clipray.core.datacheck import check_dataset
 from clipray.core.shards import expand_braces, iter_raw, shard_list, write_shards
 from clipray.core.stream import StreamSpec, epoch_batches, epoch_shards
 from clipray.core.trainer import NoHooks, build_trainer
-from tests.conftest import small_experiment
 
 CPU = torch.device("cpu")
 
@@ -138,10 +137,10 @@ TINY_DATA = ("data.train_size=64", "data.val_size=16", "data.test_size=16")
 def test_data_command_writes_shards_that_read_back(tmp_path):
     exp = _wd(tmp_path)
     test = load_split(exp.data, "test")
-    ref = load_split(small_experiment().data, "test")
+    ref = load_split(load_experiment(DEFAULT_SWEEP, list(TINY_DATA)).data, "test")  # what it wrote
     assert test.captions == ref.captions  # every caption, through the .json
     diff = np.abs(test.load_all(64).astype(int) - ref.load_all(64).astype(int))
-    assert diff.mean() < 6  # JPEG quality 95 on sharp-edged shapes
+    assert diff.mean() < 10  # JPEG quality 95 on sharp-edged shapes and sensor grain (7.4)
 
 
 def test_training_streams_and_resumes_mid_epoch_exactly(tmp_path):

@@ -47,27 +47,17 @@ class SyntheticData(_Section):
     image_size: int = Field(64, ge=16, le=512, description="matches the tiny models' input size")
     captions_per_image: int = Field(2, ge=1, le=5, description="exercises multi-caption recall")
     captions: Literal["layout", "counts", "colour"] = Field(
-        "layout",
-        description="layout: kind, size, count and position only, facts every corruption keeps "
-        "(colours vary but are not named, so a corruption is a nuisance); counts: how many of "
-        "each size and kind, no places (a tiny ViT does not learn places: BENCHMARKS.md); "
-        "colour: also the colours, which brightness, contrast, fog and frost change",
-    )
+        "layout", description="layout: kind, size, count and position, facts every corruption "
+        "keeps; counts: how many of each size and kind, no places; colour: also the colours"
+    )  # fmt: skip
     backgrounds: Literal["palette", "varied"] = Field(
-        "palette",
-        description="palette: dark or light backgrounds, shapes in named colours; varied (layout "
-        "or counts captions): any background and shape colour a contrast apart, so a model cannot "
-        "lean on absolute brightness (which brightness, contrast, fog and snow change)",
-    )
+        "palette", description="palette: dark or light backgrounds; varied (layout or counts "
+        "captions): any background, shapes a contrast apart (no absolute-brightness cue)"
+    )  # fmt: skip
     grain: float = Field(
-        0.0,
-        ge=0,
-        le=64,
-        description="0: a mild uniform +-6-level texture; > 0: Gaussian grain whose standard "
-        "deviation (in 0-255 levels) is drawn per image from [0, grain], the sensor noise photos "
-        "have (15 in the default sweep: a model trained without it loses most of its retrieval "
-        "to the mildest noise corruption, BENCHMARKS.md)",
-    )
+        0.0, ge=0, le=64, description="0: a mild uniform +-6 texture; > 0: Gaussian sensor noise, "
+        "its sd drawn per image from [0, grain] levels (15 in the default sweep: BENCHMARKS.md)"
+    )  # fmt: skip
     min_shapes: int = Field(2, ge=1, le=4, description="2: few images share a layout caption")
     max_shapes: int = Field(3, ge=1, le=4, description="min..max shapes per image")
 
