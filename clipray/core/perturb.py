@@ -106,9 +106,10 @@ def feature_scale(h: torch.Tensor, cfg: PerturbConfig, batch_dim: int) -> torch.
 @contextmanager
 def batch_statistics_only(modules: list[nn.Module]) -> Iterator[None]:
     """Inside, every BatchNorm layer of ``modules`` normalises with its batch's own statistics
-    and leaves its running statistics alone, for the perturbed passes (PGD's steps, the
-    adversarial or noise pass): the running statistics describe clean features, and updating
-    them in place would also break the clean pass's backward, which saved them."""
+    and leaves its running statistics alone, for the perturbed passes (:meth:`SplitPoint.finish`
+    with a delta: PGD's steps, the adversarial or noise pass): the running statistics describe
+    clean features, and updating them in place would also break the clean pass's backward,
+    which saved them."""
     norms = {
         id(m): m
         for module in modules
@@ -135,8 +136,14 @@ class SplitPoint:
     ctx: dict[str, Any]
 
     def finish(self, delta: torch.Tensor | None) -> torch.Tensor:
-        """Upper blocks and head on ``h_L + delta`` (gradients flow wherever inputs allow)."""
-        h = self.hidden if delta is None else self.hidden + delta
+        """Upper blocks and head on ``h_L + delta`` (gradients flow wherever inputs allow); a
+        perturbed pass (any ``delta``) normalises with batch statistics only."""
+        if delta is None:
+            return self._upper(self.hidden)
+        with batch_statistics_only(self.split.modules):
+            return self._upper(self.hidden + delta)
+
+    def _upper(self, h: torch.Tensor) -> torch.Tensor:
         return self.split.head(
             self.split.run(h, self.ctx, self.layer + 1, self.split.depth), self.ctx
         )
@@ -159,8 +166,7 @@ def pgd(
     for t, h in detached.items():
         b = points[t].split.batch_dim
         deltas[t] = norm.sample(h, radius[t], b) if cfg.random_start else torch.zeros_like(h)
-    modules = [m for p in points.values() for m in p.split.modules]
-    with batch_statistics_only(modules), torch.enable_grad():
+    with torch.enable_grad():
         for _ in range(cfg.steps):
             for d in deltas.values():
                 d.requires_grad_(True)

@@ -17,7 +17,7 @@ from torch import nn
 
 from clipray.config.schema import PerturbConfig
 from clipray.core.contrastive import Ranks, contrastive_loss, gather_all, symmetric_ce
-from clipray.core.perturb import batch_statistics_only, noise, pgd, split_at
+from clipray.core.perturb import noise, pgd, split_at
 from clipray.core.towers import split_tower
 
 ENCODERS = {"image": "encode_image", "text": "encode_text"}
@@ -67,8 +67,7 @@ class ClipTrainingLoss(nn.Module):
         else:
             deltas = pgd(points, self._adversary(gathered, scale.detach(), ranks), self.perturb)
         adv = dict(clean)
-        with batch_statistics_only([m for p in points.values() for m in p.split.modules]):
-            adv.update({t: F.normalize(points[t].finish(deltas[t]), dim=-1) for t in points})
+        adv.update({t: F.normalize(points[t].finish(deltas[t]), dim=-1) for t in points})
         adv_gathered = {t: gather_all(f, ranks) for t, f in adv.items()}
         adv_loss = contrastive_loss(
             adv_gathered["image"], adv_gathered["text"], scale, ranks, self.local_loss
