@@ -63,9 +63,28 @@ def test_quiet_logs_names_ray_trains_own_loggers():
     from ray.train.v2._internal.execution import context
     from ray.train.v2._internal.execution.controller import placement_group_cleaner
 
-    from clipray.sweep.ray_logging import NOISY
+    from clipray.sweep.ray_worker import NOISY
 
     assert set(NOISY) == {context.logger.name, placement_group_cleaner.logger.name}
+
+
+def test_ray_workers_name_the_cluster_they_belong_to():
+    """A sweep started here (no RAY_ADDRESS) gives its Ray workers RAY_ADDRESS = its own GCS,
+    so Ray's state API in them (the placement-group cleaner) never auto-detects another Ray
+    instance on the same machine."""
+    code = (
+        "import os, ray\n"
+        "from clipray.sweep.runtime import init_ray\n"
+        "init_ray()\n"
+        "seen = ray.get(ray.remote(lambda: os.environ.get('RAY_ADDRESS')).remote())\n"
+        "print(seen == ray.get_runtime_context().gcs_address, seen)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [BIN / "python", "-c", code], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[0] == "True", done.stdout
 
 
 def test_space_becomes_tune_distributions():

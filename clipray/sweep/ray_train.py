@@ -40,7 +40,7 @@ from clipray.core.device import torch_threads, wants_gpu
 from clipray.core.stream import BatchSource, epoch_batches
 from clipray.core.trainer import build_trainer
 from clipray.sweep.ingest import decode_tasks, ray_data_batches
-from clipray.sweep.ray_logging import quiet_logs
+from clipray.sweep.ray_worker import quiet_logs
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"  # the blob's per-checkpoint metrics, readable without torch

@@ -118,7 +118,7 @@ def init_ray() -> bool:
         guard_secrets(starting_ray_here=not os.environ.get("RAY_ADDRESS"))
         runtime_env = {
             "env_vars": {k: os.environ[k] for k in RAY_ENV},
-            "worker_process_setup_hook": "clipray.sweep.ray_logging.quiet_logs",
+            "worker_process_setup_hook": "clipray.sweep.ray_worker.setup",
         }
         address = os.environ.get("RAY_ADDRESS")
         check_ray_address()
