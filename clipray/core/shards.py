@@ -23,6 +23,8 @@ from typing import IO
 import numpy as np
 from PIL import Image
 
+from clipray.core.tarstream import tar_members
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 REMOTE = ("s3://", "gs://", "gcs://")
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -83,12 +85,10 @@ Raw = dict[str, bytes]  # extension -> bytes of one sample
 
 def iter_raw(shard: str) -> Iterator[tuple[str, Raw]]:
     """The samples of one shard as (key, {extension: bytes}), streamed in tar order."""
-    with open_shard(shard) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    with open_shard(shard) as f:
         key, group = None, {}
-        for info in tar:
-            if not info.isfile():
-                continue
-            name = info.name.rsplit("/", 1)[-1]
+        for path, data in tar_members(f):
+            name = path.rsplit("/", 1)[-1]
             stem, _, ext = name.partition(".")
             if not ext or stem.startswith("_"):
                 continue  # img2dataset's _stats.json and the like
@@ -96,8 +96,7 @@ def iter_raw(shard: str) -> Iterator[tuple[str, Raw]]:
                 yield f"{shard}:{key}", group
                 group = {}
             key = stem
-            data = tar.extractfile(info)
-            group[ext.lower()] = data.read() if data is not None else b""
+            group[ext.lower()] = data
         if group:
             yield f"{shard}:{key}", group
 
