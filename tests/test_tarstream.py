@@ -64,8 +64,10 @@ def test_unicode_names_long_names_and_non_file_members():
     d.type = tarfile.DIRTYPE
     s = tarfile.TarInfo("link.jpg")
     s.type, s.linkname = tarfile.SYMTYPE, "a.jpg"
+    far = tarfile.TarInfo("l" * 120 + ".jpg")  # GNU: a long name and a long link target
+    far.type, far.linkname = tarfile.SYMTYPE, "t" * 120 + ".jpg"
     for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
-        blob = archive(members, fmt, extra=(d, s))
+        blob = archive(members, fmt, extra=(d, s, far))
         assert list(tar_members(io.BytesIO(blob))) == reference(blob) == members
     split = [("p" * 90 + "/" + "q" * 90 + ".jpg", b"z")]  # ustar: the prefix field holds "p..."
     blob = archive(split, tarfile.USTAR_FORMAT)

@@ -53,6 +53,8 @@ def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
         if kind == b"L":  # GNU long name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
             continue
+        if kind == b"K":  # GNU long link target of the next member (a link: skipped)
+            continue
         name = pax.get("path") or long_name or _ustar_name(header)
         pax, long_name = {}, None
         if kind in _FILE_TYPES:
