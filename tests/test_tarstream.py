@@ -96,6 +96,17 @@ def test_whole_archive_compression(compress):
     assert list(tar_members(io.BytesIO(blob))) == reference(blob) == members
 
 
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
+def test_damaged_compressed_archives_raise_tarfiles_errors(compress):
+    """Truncated or garbled compressed data: a TarError or an OSError (what the shard reader
+    turns into one line naming the shard), never another exception."""
+    blob = compress(archive(random_members(np.random.default_rng(5), 10), tarfile.PAX_FORMAT))
+    garbled = blob[:40] + bytes(b ^ 0x55 for b in blob[40:200]) + blob[200:]
+    for damaged in (blob[: len(blob) // 2], garbled):
+        with pytest.raises((tarfile.TarError, OSError)):
+            list(tar_members(io.BytesIO(damaged)))
+
+
 class Trickle(io.RawIOBase):
     """A stream that returns at most 100 bytes per read (like a slow network stream)."""
 

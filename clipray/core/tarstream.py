@@ -20,6 +20,7 @@ import bz2
 import gzip
 import io
 import lzma
+import zlib
 from collections.abc import Iterator
 from tarfile import ReadError
 from typing import IO
@@ -32,7 +33,13 @@ _COMPRESSED = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\0", lzm
 
 def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
     """``(name, data)`` of each regular file in the tar ``stream``, in archive order."""
-    f = _uncompressed(stream)
+    try:
+        yield from _members(_uncompressed(stream))
+    except (EOFError, zlib.error, lzma.LZMAError) as e:  # gzip raises OSError, as does bz2
+        raise ReadError(f"damaged compressed data ({e})") from None
+
+
+def _members(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
     pax: dict[str, str] = {}
     long_name: str | None = None
     while True:
