@@ -153,6 +153,17 @@ def test_damage_raises_tarfiles_read_error(blob, expected):
         reference(blob)
 
 
+@pytest.mark.parametrize("records", [b"garbage", b"12 size=x1\n", b"abc path=a\n"])
+def test_a_malformed_pax_header_is_a_read_error(records):
+    """A pax header (a member of type "x") whose records do not parse."""
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, len(records)
+    pad = b"\0" * (-len(records) % 512)
+    blob = info.tobuf(tarfile.USTAR_FORMAT) + records + pad + archive([("a.jpg", b"x")], 0)
+    with pytest.raises(tarfile.ReadError, match="pax header"):
+        list(tar_members(io.BytesIO(blob)))
+
+
 def test_a_flipped_header_byte_is_a_bad_checksum():
     blob = bytearray(archive([("a.jpg", b"x" * 10)], tarfile.USTAR_FORMAT))
     blob[10] ^= 0x01

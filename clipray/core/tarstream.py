@@ -56,6 +56,8 @@ def _members(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
         if kind in (b"x", b"g"):
             if kind == b"x":  # applies to the next member only ("g": global, nothing we use)
                 pax = _pax_records(data)
+                if not pax.get("size", "0").isdigit():
+                    raise ReadError(f"bad size in a pax header: {pax['size']!r}")
             continue
         if kind == b"L":  # GNU long name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
@@ -147,10 +149,13 @@ def _pax_records(data: bytes) -> dict[str, str]:
     """``"<length> <key>=<value>\\n"`` records."""
     out: dict[str, str] = {}
     pos = 0
-    while pos < len(data) and data[pos : pos + 1] != b"\0":
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
-        pos += length
+    try:
+        while pos < len(data) and data[pos : pos + 1] != b"\0":
+            space = data.index(b" ", pos)
+            length = int(data[pos:space])
+            key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+            out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+            pos += max(length, 1)
+    except ValueError:  # no length, not a number, a key that is not UTF-8
+        raise ReadError("malformed pax header") from None
     return out
