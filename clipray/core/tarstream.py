@@ -44,10 +44,10 @@ def _members(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
     long_name: str | None = None
     while True:
         header = f.read(BLOCK)
-        if len(header) < BLOCK or not header.strip(b"\0"):
-            if header.strip(b"\0"):
-                raise ReadError("unexpected end of data in a header")
+        if not header.strip(b"\0"):
             return  # the end-of-archive zero block (or a bare end of stream)
+        if len(header) < BLOCK:
+            raise ReadError("unexpected end of data in a header")
         _check(header)
         kind = header[156:157]
         size = int(pax["size"]) if "size" in pax else _number(header[124:136])
@@ -90,17 +90,12 @@ class _Prefixed(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def read(self, n: int = -1) -> bytes:
-        if not self.head:
-            return self.stream.read(n)
-        if n < 0:
-            out, self.head = self.head + self.stream.read(), b""
-            return out
-        out, self.head = self.head[:n], self.head[n:]
-        return out + self.stream.read(n - len(out)) if len(out) < n else out
-
-    def readinto(self, buffer) -> int:  # what the decompressors call
-        data = self.read(len(buffer))
+    def readinto(self, buffer) -> int:  # all the BufferedReader above calls
+        if self.head:
+            n = min(len(buffer), len(self.head))
+            buffer[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        data = self.stream.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
 
