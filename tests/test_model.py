@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import socket
 
 import numpy as np
 import open_clip
 import pytest
 import torch
+from torch import nn
 
 from clipray.config.architectures import BUNDLED_MODELS, image_size, tower_depths
 from clipray.config.schema import ModelConfig
-from clipray.core.checkpoint import FORMAT, read_weights
+from clipray.core.checkpoint import FORMAT, load_state, read_weights
 from clipray.core.model import ClipModel, build_model, to_uint8_nhwc
 
 
@@ -49,9 +51,38 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 # ------------------------------------------------------------------------------ architectures
 def test_bundled_models_have_clear_names_and_are_registered_with_open_clip():
-    assert BUNDLED_MODELS == ("clipray-small-vit", "clipray-tiny-rn", "clipray-tiny-vit")
+    assert BUNDLED_MODELS == (
+        "clipray-small-vit",
+        "clipray-tiny-rn",
+        "clipray-tiny-rn-gn",
+        "clipray-tiny-vit",
+    )
     for name in BUNDLED_MODELS:
         assert name in open_clip.list_models()
+
+
+def test_the_group_norm_resnet_normalises_each_image_on_its_own(models):
+    """clipray-tiny-rn-gn: a GroupNorm wherever the BatchNorm twin has a BatchNorm, and so, even
+    in training mode, an image's embedding does not depend on the rest of its batch."""
+    batchnorm = copy.deepcopy(models["clipray-tiny-rn"].model)  # train mode moves BN statistics
+    groupnorm = copy.deepcopy(models["clipray-tiny-rn-gn"].model)
+    bn = {n: m for n, m in batchnorm.visual.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    gn = {n: m for n, m in groupnorm.visual.named_modules() if isinstance(m, nn.GroupNorm)}
+    assert bn and gn.keys() == bn.keys()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in groupnorm.modules())
+    for name, m in gn.items():  # >= 4 channels a group, at most 8 groups
+        assert m.num_channels == bn[name].num_features
+        assert m.num_groups == min(8, m.num_channels // 4)
+    images = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for model, per_image in ((groupnorm, True), (batchnorm, False)):
+        model.train()
+        with torch.no_grad():
+            together = model.encode_image(images)[:2]
+            alone = model.encode_image(images[:2])
+        assert torch.allclose(together, alone, atol=1e-5) is per_image
+    # Its weights are not the BatchNorm twin's: a checkpoint of one does not load into the other.
+    with pytest.raises(ValueError, match="does not fit clipray-tiny-rn"):
+        load_state(batchnorm, groupnorm.state_dict(), "weights", "clipray-tiny-rn")
 
 
 def test_depths_of_standard_architectures_are_read_without_building_them(monkeypatch):

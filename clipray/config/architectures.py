@@ -3,9 +3,13 @@
 Any open_clip architecture (``ViT-B-32``, ``RN50``, ...) works, plus tiny configs shipped in
 ``clipray/config/model_configs`` and sized for CPU runs:
 
-- ``clipray-tiny-vit``: 64 px, 4-block ViT (width 64) + 4-block text transformer; the default.
+- ``clipray-tiny-vit``: 64 px, 4-block ViT (width 64) + 4-block text transformer; the schema's
+  default model (tests and library calls without a file).
 - ``clipray-small-vit``: 64 px, 8-block ViT (width 128); the perturbation benchmark's model.
-- ``clipray-tiny-rn``: 64 px, 4-stage ModifiedResNet; exercises the convolutional tower.
+- ``clipray-tiny-rn``: 64 px, 4-stage ModifiedResNet (open_clip's, with BatchNorm).
+- ``clipray-tiny-rn-gn``: the same ResNet with GroupNorm in place of every BatchNorm; the default
+  sweep's model. Per-image normalisation leaves it no running statistics for a corruption's
+  shifted inputs to miss (BENCHMARKS.md "GroupNorm, uneven light").
 
 Only architecture *facts* live here (depth per tower, input size, known pretrained tags), read
 from open_clip's config registry without building a model, so validating an experiment needs no
@@ -24,6 +28,9 @@ from clipray.config.errors import brief, brief_list, brief_text
 BUNDLED_CONFIG_DIR = Path(__file__).parent / "model_configs"
 BUNDLED_MODELS = tuple(sorted(p.stem for p in BUNDLED_CONFIG_DIR.glob("*.json")))
 open_clip.add_model_config(BUNDLED_CONFIG_DIR)
+# Bundled models whose image tower clipray builds with GroupNorm for open_clip's BatchNorm (their
+# JSON is the BatchNorm twin's: open_clip's config has no norm choice for a ModifiedResNet).
+GROUP_NORM_MODELS = frozenset({"clipray-tiny-rn-gn"})
 
 
 def architecture(name: str) -> dict[str, Any]:

@@ -18,7 +18,12 @@ import numpy as np
 import open_clip
 import torch
 
-from clipray.config.architectures import check_pretrained, image_size, tower_depths
+from clipray.config.architectures import (
+    GROUP_NORM_MODELS,
+    check_pretrained,
+    image_size,
+    tower_depths,
+)
 from clipray.config.schema import ModelConfig
 from clipray.core.checkpoint import load_state, read_weights
 from clipray.core.tokens import fast
@@ -77,6 +82,9 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ClipMod
     tag = None if (cfg.pretrained is None or pretrained_file) else cfg.pretrained
     with _quiet_root_logger():  # open_clip warns "no pretrained weights" for every random init
         model = open_clip.create_model(cfg.name, pretrained=tag, device=device)
+    if cfg.name in GROUP_NORM_MODELS:
+        group_norm(model.visual)
+        model.to(device)
     if pretrained_file:
         load_state(
             model,
@@ -92,6 +100,18 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> ClipMod
         mean=tuple(pp["mean"]),
         std=tuple(pp["std"]),
     )
+
+
+def group_norm(module: torch.nn.Module) -> None:
+    """Replace every BatchNorm2d under ``module`` with a freshly initialised GroupNorm: 8 groups,
+    or fewer where a layer has under 32 channels (at least 4 channels a group)."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            channels = child.num_features
+            groups = max(1, min(8, channels // 4))
+            setattr(module, name, torch.nn.GroupNorm(groups, channels, eps=child.eps))
+        else:
+            group_norm(child)
 
 
 @dataclass(frozen=True)
