@@ -28,6 +28,7 @@ from clipray.core.synthetic import (
     SPLITS,
     _luma,
     _palette,
+    _shade,
     synthetic_image,
 )
 
@@ -576,6 +577,36 @@ def test_grain_draws_each_images_noise_level_from_zero_to_grain():
     ]
     assert max(grainy) < 16.5 and min(grainy) < 4 and max(grainy) > 11
     assert 5.5 < np.mean(grainy) < 9.5  # uniform on [0, 15]: mean 7.5
+
+
+def test_shading_adds_one_smooth_field_to_every_channel():
+    """On a flat mid-gray image: the same smooth field on every channel (so shapes keep their
+    contrast with the background), its peak drawn per image from [0, shading] levels."""
+    flat = np.full((64, 64, 3), 128, np.uint8)
+    peaks = []
+    for index in range(60):
+        diff = _shade(flat, 80, [1234, 1, index]).astype(float) - 128
+        assert np.array_equal(diff[..., 0], diff[..., 1]) and np.array_equal(
+            diff[..., 0], diff[..., 2]
+        )
+        assert np.abs(np.diff(diff[..., 0], axis=0)).max() <= 12  # a few levels a pixel: no edges
+        assert np.abs(np.diff(diff[..., 0], axis=1)).max() <= 12
+        peaks.append(np.abs(diff).max())
+    assert max(peaks) <= 80 and min(peaks) < 10 and max(peaks) > 70  # uniform on [0, 80]
+    assert 30 < np.mean(peaks) < 50
+    assert _shade(flat, 0, [1234, 1, 0]) is flat
+
+
+def test_shading_changes_the_pixels_and_no_other_draw():
+    """Captions and each image's grain (its noise level is drawn per image) stay those of the
+    unshaded dataset: the field comes from a stream of its own."""
+    base = dict(val_size=20, backgrounds="varied", grain=15)
+    plain, shaded = (load_split(SyntheticData(**base, shading=a), "val") for a in (0, 80))
+    assert plain.captions == shaded.captions
+    assert not np.array_equal(plain.images, shaded.images)
+    for a, b in zip(plain.images, shaded.images, strict=True):  # same grain: it cancels out, and
+        bend = np.abs(np.diff(b.astype(float) - a, n=2, axis=1))  # the smooth field barely bends
+        assert np.median(bend) <= 1
 
 
 def test_image_files_are_decoded_in_processes_with_the_same_batches(tmp_path):

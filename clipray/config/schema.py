@@ -58,6 +58,11 @@ class SyntheticData(_Section):
         0.0, ge=0, le=64, description="0: a mild uniform +-6 texture; > 0: Gaussian sensor noise, "
         "its sd drawn per image from [0, grain] levels (15 in the default sweep: BENCHMARKS.md)"
     )  # fmt: skip
+    shading: float = Field(
+        0.0, ge=0, le=128, description="photo-like uneven light: a smooth random field added to "
+        "the whole image, its amplitude drawn per image from [0, shading] levels; shapes keep "
+        "their contrast with the background (80 in the default sweep: BENCHMARKS.md)"
+    )  # fmt: skip
     min_shapes: int = Field(2, ge=1, le=4, description="2: few images share a layout caption")
     max_shapes: int = Field(3, ge=1, le=4, description="min..max shapes per image")
 

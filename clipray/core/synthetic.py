@@ -192,7 +192,26 @@ def synthetic_image(cfg: SyntheticData, split: str, index: int) -> tuple[np.ndar
         cx, cy = (col + 0.5) * s / 3 + jitter[0], (row + 0.5) * s / 3 + jitter[1]
         SHAPES[kind](draw, cx, cy, SIZES[size] * s, colours[colour])
         shapes.append((kind, colour, size, pos))
-    return _grain(np.asarray(img), cfg.grain, rng), _captions(shapes, background, cfg, rng)
+    pixels = _shade(np.asarray(img), cfg.shading, [cfg.data_seed, SPLITS.index(split), index])
+    return _grain(pixels, cfg.grain, rng), _captions(shapes, background, cfg, rng)
+
+
+SHADING_GRID = 4  # control points per side of the lighting field: a few soft blobs per image
+
+
+def _shade(pixels: np.ndarray, shading: float, key: list[int]) -> np.ndarray:
+    """Uneven light (``shading`` > 0): a field smoothly interpolated (bicubic) from a 4x4 grid
+    of uniform draws, scaled to peak at 1, times an amplitude drawn from ``[0, shading]`` levels,
+    added to every channel. Drawn from its own stream (``key`` + [1]), so every other draw of the
+    image is what it is without shading."""
+    if not shading:
+        return pixels
+    rng = np.random.default_rng([*key, 1])
+    grid = rng.uniform(-1.0, 1.0, size=(SHADING_GRID, SHADING_GRID)).astype(np.float32)
+    h, w = pixels.shape[:2]
+    field = np.array(Image.fromarray(grid, mode="F").resize((w, h), Image.Resampling.BICUBIC))
+    field *= rng.uniform(0.0, shading) / max(float(np.abs(field).max()), 1e-6)
+    return np.clip(pixels + field[..., None], 0, 255).astype(np.uint8)
 
 
 def _grain(pixels: np.ndarray, grain: float, rng: np.random.Generator) -> np.ndarray:
