@@ -59,9 +59,8 @@ class SyntheticData(_Section):
         "its sd drawn per image from [0, grain] levels (15 in the default sweep: BENCHMARKS.md)"
     )  # fmt: skip
     shading: float = Field(
-        0.0, ge=0, le=128, description="photo-like uneven light: a smooth random field added to "
-        "the whole image, its amplitude drawn per image from [0, shading] levels; shapes keep "
-        "their contrast with the background (80 in the default sweep: BENCHMARKS.md)"
+        0.0, ge=0, le=128, description="uneven light: a smooth field added to the whole image, "
+        "peak drawn per image from [0, shading] levels (80 in the default sweep: BENCHMARKS.md)"
     )  # fmt: skip
     min_shapes: int = Field(2, ge=1, le=4, description="2: few images share a layout caption")
     max_shapes: int = Field(3, ge=1, le=4, description="min..max shapes per image")
@@ -139,12 +138,9 @@ class WebDatasetData(_FileData):
     )
     shuffle_buffer: int = Field(1000, ge=1, description="samples mixed across a rank's shards")
     max_skip_fraction: float = Field(
-        0.01,
-        ge=0.0,
-        le=1.0,
-        description="a run stops when more of the samples read between two checkpoints (an "
-        "epoch by default) were damaged; 1%: img2dataset sets lose a few to bad downloads",
-    )
+        0.01, ge=0.0, le=1.0, description="a run stops when more of the samples read between "
+        "two checkpoints (an epoch by default) were damaged; 1%: img2dataset sets lose a few"
+    )  # fmt: skip
 
     @field_validator("train", "val", "test")
     @classmethod
