@@ -460,6 +460,10 @@ def test_resume_needs_a_sweep_of_the_same_config(tmp_path, capsys):
 
 
 # ------------------------------------------------------------- kill -9 mid-trial, then resume
+# The resume test: two trials (the kill lands in the second; 16 steps per epoch leave it time).
+RESUME_TRIALS, RESUME_SAMPLES = 2, 512
+
+
 def _sweep_command(tmp_path: Path, uri: str, *extra: str) -> list[str]:
     return [
         *tiny_sweep(
@@ -467,8 +471,8 @@ def _sweep_command(tmp_path: Path, uri: str, *extra: str) -> list[str]:
             "name=resume-test",
             f"storage={tmp_path / 'runs'}",
             f"tracking.uri={uri}",
-            "sweep.num_samples=3",
-            "data.train_size=512",
+            f"sweep.num_samples={RESUME_TRIALS}",
+            f"data.train_size={RESUME_SAMPLES}",
             "train.epochs=3",
         ),
         *extra,
@@ -501,7 +505,7 @@ def _kill_mid_training(proc: subprocess.Popen, client: MlflowClient, steps_per_e
 @pytest.mark.slow
 def test_sigkilled_sweep_resumes_to_exactly_its_trials(tmp_path, mlflow_server):
     client = MlflowClient(mlflow_server)
-    steps_per_epoch = 512 // 32
+    steps_per_epoch = RESUME_SAMPLES // 32  # TINY_SWEEP's batch size
     proc = subprocess.Popen(
         _sweep_command(tmp_path, mlflow_server),
         cwd=tmp_path,
@@ -522,7 +526,7 @@ def test_sigkilled_sweep_resumes_to_exactly_its_trials(tmp_path, mlflow_server):
         timeout=900,
     )
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
-    assert "finished: 3 trials" in resumed.stdout
+    assert f"finished: {RESUME_TRIALS} trials" in resumed.stdout
     assert "Reporting training result" not in resumed.stdout + resumed.stderr  # quiet_logs works
 
     exp_id = client.get_experiment_by_name("clipray").experiment_id
@@ -530,7 +534,7 @@ def test_sigkilled_sweep_resumes_to_exactly_its_trials(tmp_path, mlflow_server):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = child_runs(client)
     trial_ids = [r.data.tags[TRIAL_TAG] for r in children]
-    assert len(children) == 3 and len(set(trial_ids)) == 3  # none duplicated
+    assert len(children) == RESUME_TRIALS == len(set(trial_ids))  # none duplicated
     expected_steps = [steps_per_epoch * e for e in (1, 2, 3)]
     for run in children:
         assert run.data.tags[PARENT_TAG] == parents[0].info.run_id
@@ -550,9 +554,9 @@ def test_sigkilled_sweep_resumes_to_exactly_its_trials(tmp_path, mlflow_server):
     assert len(baseline) == 1 and baseline[0].data.metrics["agg/mce"] == pytest.approx(100.0)
     sweep_dir = tmp_path / "runs" / "resume-test"
     assert (sweep_dir / "best_config.yaml").exists() and (sweep_dir / MANIFEST).exists()
-    assert len((sweep_dir / "results.csv").read_text().splitlines()) == 1 + 3  # every trial
+    assert len((sweep_dir / "results.csv").read_text().splitlines()) == 1 + RESUME_TRIALS
     grid = tune.ExperimentAnalysis(str(sweep_dir))
-    assert len(grid.trials) == 3
+    assert len(grid.trials) == RESUME_TRIALS
     assert all(t.status == "TERMINATED" for t in grid.trials)
 
 
