@@ -25,7 +25,7 @@ BIN = Path(sys.executable).parent
 TINY_SWEEP = [  # a few seconds per trial: tiny data, one corruption at one severity
     *TINY,  # each sweep sets its own data.train_size, which wins over TINY's
     "train.batch_size=32",  # not TINY's 16: half the steps on those larger training sets
-    "train.epochs=3",  # the default sweep trains 6 (its 8192 images); 3 exercise every path
+    "train.epochs=3",  # as the default sweep (its 8192 images); 3 exercise every path
     "eval.corruptions=[fog]",
     "eval.severities=[1]",
 ]
