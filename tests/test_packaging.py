@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from clipray.config.architectures import BUNDLED_MODELS
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -53,7 +55,8 @@ def test_the_default_sweep_ships_in_the_wheel_with_real_files(installed):
         shipped = installed / "clipray" / rel
         assert not shipped.is_symlink()
         assert shipped.read_text() == (REPO / rel.removeprefix("defaults/")).read_text()
-    assert len(list((installed / "clipray/config/model_configs").glob("*.json"))) == 3
+    configs = (installed / "clipray/config/model_configs").glob("*.json")
+    assert sorted(p.stem for p in configs) == list(BUNDLED_MODELS)
 
 
 def test_clipray_sweep_without_a_file_finds_its_default_after_a_plain_install(installed):
