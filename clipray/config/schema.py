@@ -56,7 +56,7 @@ class SyntheticData(_Section):
     )  # fmt: skip
     grain: float = Field(
         0.0, ge=0, le=64, description="0: a mild uniform +-6 texture; > 0: Gaussian sensor noise, "
-        "its sd drawn per image from [0, grain] levels (15 in the default sweep: BENCHMARKS.md)"
+        "its sd drawn per image from [0, grain] levels (25 in the default sweep: BENCHMARKS.md)"
     )  # fmt: skip
     shading: float = Field(
         0.0, ge=0, le=128, description="uneven light: a smooth field added to the whole image, "

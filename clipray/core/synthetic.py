@@ -8,8 +8,9 @@ says and a corruption is a nuisance, not a changed fact. ``counts`` captions say
 of each size and kind there are and leave places out. ``colour`` captions also name the shape
 and background colours (which brightness, contrast, fog and frost change). Few layout captions
 are shared between images, so retrieval is a real task (counts captions: about a quarter of the
-test images share their facts with another). Image ``i`` of a split depends only on
-``(data_seed, split, i)``.
+test images share their facts with another). ``grain`` adds photo-like sensor noise and
+``shading`` uneven light (a smooth field on every channel, so shapes keep their contrast). Image
+``i`` of a split depends only on ``(data_seed, split, i)``.
 """
 
 from __future__ import annotations
