@@ -176,24 +176,30 @@ def _line(kind: str, layer: int, points: dict[float, float]) -> list[Calibration
 
 
 def test_the_range_of_epsilon_costing_0_to_15_percent_is_interpolated_on_log_epsilon():
-    assert cost_range([1e-3, 1e-2, 1e-1], [2, 10, 30]) == CostRange(
-        1e-3, pytest.approx(10**-1.75), True
-    )
-    crossing = cost_range([1e-3, 1e-2, 1e-1], [-5, 5, 30])  # 0 % at 10^-2.5, 15 % at 10^-1.6
-    assert crossing.low == pytest.approx(10**-2.5) and crossing.high == pytest.approx(10**-1.6)
-    assert cost_range([1e-3, 1e-2], [1, 8]) == CostRange(1e-3, None, True)
-    assert cost_range([1e-2, 1e-1], [20, 40]).low is None
+    assert cost_range([1e-3, 1e-2, 1e-1], [2, 10, 30]) == CostRange(1e-3, pytest.approx(10**-1.75))
+    # a score above the baseline is no measurable cost: the range still starts at the smallest
+    crossing = cost_range([1e-3, 1e-2, 1e-1], [-5, 5, 30])  # 15 % at 10^-1.6
+    assert crossing.low == 1e-3 and crossing.high == pytest.approx(10**-1.6)
+    assert cost_range([1e-3, 1e-2], [1, 8]) == CostRange(1e-3, None)
+    assert cost_range([1e-3, 1e-2], [-3, -1]) == CostRange(1e-3, None)
+    assert cost_range([1e-2, 1e-1], [20, 40]) == CostRange(None, 1e-2)
     lines = [
         *_line("pgd", 2, {1e-3: 2, 1e-2: 10, 1e-1: 30}),
         *_line("noise", 2, {1e-3: -1, 1e-2: 1, 1e-1: 8}),
         *_line("pgd", 0, {1e-2: 20, 1e-1: 40}),
+        *_line("pgd", 1, {1e-3: -2, 1e-2: 20, 1e-1: -4}),  # past the crossing: not in the range
+        *_line("pgd", 3, {1e-2: -1}),
     ]
     assert range_sentences(lines) == [
         "Tower image, layer 2: pgd: 0-15 % for epsilon 0.001 (the smallest measured) to 0.0178; "
-        "noise: 0-15 % from epsilon 0.00316 to at least 0.1 (the largest measured, 8.0 %); "
-        "15 % not reached.",
+        "noise: 0-15 % from epsilon 0.001 (the smallest measured) to at least 0.1 (the largest "
+        "measured, 8.0 %) (above the baseline, no measurable cost, at 0.001); 15 % not reached.",
         "Tower image, layer 0: pgd: above 15 % already at the smallest measured epsilon 0.01 "
         "(20.0 %); the range lies below it.",
+        "Tower image, layer 1: pgd: 0-15 % for epsilon 0.001 (the smallest measured) to 0.00593 "
+        "(above the baseline, no measurable cost, at 0.001).",
+        "Tower image, layer 3: pgd: 0-15 % at epsilon 0.01, the only one measured (above the "
+        "baseline, no measurable cost, at 0.01).",
     ]
 
 

@@ -7,9 +7,10 @@ retrieval and how much it raises the training loss, so a search range can be set
     loss gap     train/adv_loss - train/clean_loss of the final epoch (each the epoch's mean over
                  its steps, logged with the trial's scores; with train.checkpoint_every_steps,
                  the steps since the last checkpoint), mean over the arm's seeds
-    0-15 % range on each line of arms along epsilon, the clean cost interpolated linearly on
-                 log epsilon between measured points: from where it reaches 0 % to where it
-                 reaches ``TOP`` %, within the measured span
+    0-15 % range on each line of arms along epsilon: from the smallest measured epsilon (a
+                 score above the baseline is no measurable cost, within "about 0 %") to where
+                 the clean cost first reaches ``TOP`` %, interpolated linearly on log epsilon
+                 between measured points
 """
 
 from __future__ import annotations
@@ -111,31 +112,25 @@ def _crossing(x0: float, y0: float, x1: float, y1: float, level: float) -> float
 
 @dataclass(frozen=True)
 class CostRange:
-    """The epsilon range of one line where its clean cost is within 0-``TOP`` %."""
+    """The epsilon range of one line where its clean cost is about 0-``TOP`` %: from the
+    smallest measured epsilon (a score above the baseline is no measurable cost: one seed's
+    noise, not a gain, so it starts the range rather than cutting it) to where the cost first
+    reaches ``TOP`` %."""
 
-    low: float | None  # None: the cost never reaches 0 % (or exceeds TOP at once)
-    high: float | None  # where the cost reaches TOP %; None: not reached
-    low_is_smallest: bool  # low is the smallest measured epsilon (the range may start lower)
+    low: float | None  # the smallest measured epsilon; None: above TOP % already there
+    high: float | None  # where the cost first reaches TOP %; None: not reached
 
 
 def cost_range(epsilon: Sequence[float], cost: Sequence[float], top: float = TOP) -> CostRange:
-    """The range on a line of (epsilon, cost %) points, epsilon ascending, interpolated on log
-    epsilon: up to the first crossing of ``top``, back to the last crossing of 0 before it."""
+    """The range on a line of (epsilon, cost %) points, epsilon ascending, the crossing of
+    ``top`` interpolated on log epsilon."""
     x, y = list(epsilon), list(cost)
     above = next((i for i, v in enumerate(y) if v >= top), None)
     if above == 0:
-        return CostRange(None, x[0], False)
-    high = None if above is None else _crossing(x[above - 1], y[above - 1], x[above], y[above], top)
-    end = len(y) - 1 if above is None else above - 1
-    if y[end] < 0:
-        low = None if above is None else _crossing(x[end], y[end], x[above], y[above], 0.0)
-        return CostRange(low, high, False)
-    start = end
-    while start > 0 and y[start - 1] >= 0:
-        start -= 1
-    if start == 0:
-        return CostRange(x[0], high, True)
-    return CostRange(_crossing(x[start - 1], y[start - 1], x[start], y[start], 0.0), high, False)
+        return CostRange(None, x[0])
+    if above is None:
+        return CostRange(x[0], None)
+    return CostRange(x[0], _crossing(x[above - 1], y[above - 1], x[above], y[above], top))
 
 
 def _clause(rows: Sequence[CalibrationRow]) -> str:
@@ -147,27 +142,25 @@ def _clause(rows: Sequence[CalibrationRow]) -> str:
         return f"{name}: no clean cost (no paired baseline)"
     found = cost_range(eps, cost)
     g = "{:.3g}".format
-    if found.low is None and found.high is not None:
+    if found.low is None:
         return (
             f"{name}: above {TOP:g} % already at the smallest measured epsilon {g(eps[0])} "
             f"({cost[0]:.1f} %); the range lies below it"
         )
-    if found.low is None:
-        return (
-            f"{name}: no clean cost (below 0 %) up to epsilon {g(eps[-1])}; {TOP:g} % not reached"
-        )
-    start = f"{g(found.low)}" + (" (the smallest measured)" if found.low_is_smallest else "")
-    if found.high is None and found.low == eps[-1]:
-        return (
-            f"{name}: 0-{TOP:g} % at epsilon {g(eps[-1])} (the largest measured, "
-            f"{cost[-1]:.1f} %); {TOP:g} % not reached"
-        )
+    end = math.inf if found.high is None else found.high
+    gains = [g(e) for e, c in zip(eps, cost, strict=True) if c < 0 and e < end]
+    note = f" (above the baseline, no measurable cost, at {', '.join(gains)})" if gains else ""
+    if len(eps) == 1 and found.high is None:
+        return f"{name}: 0-{TOP:g} % at epsilon {g(eps[0])}, the only one measured{note}"
     if found.high is None:
         return (
-            f"{name}: 0-{TOP:g} % from epsilon {start} to at least {g(eps[-1])} (the largest "
-            f"measured, {cost[-1]:.1f} %); {TOP:g} % not reached"
+            f"{name}: 0-{TOP:g} % from epsilon {g(eps[0])} (the smallest measured) to at least "
+            f"{g(eps[-1])} (the largest measured, {cost[-1]:.1f} %){note}; {TOP:g} % not reached"
         )
-    return f"{name}: 0-{TOP:g} % for epsilon {start} to {g(found.high)}"
+    return (
+        f"{name}: 0-{TOP:g} % for epsilon {g(eps[0])} (the smallest measured) to "
+        f"{g(found.high)}{note}"
+    )
 
 
 def range_sentences(rows: Sequence[CalibrationRow]) -> list[str]:
@@ -235,7 +228,9 @@ def calibration_section(
             "paired seeds, 95 % interval as above), the same in % of the baseline's mean clean "
             "RSUM, and the loss increase the perturbation achieves (train/adv_loss - "
             "train/clean_loss over the final epoch, mean over seeds). The epsilon range where "
-            f"the clean cost is 0-{TOP:g} %, interpolated on log epsilon between measured points:"
+            f"the clean cost is about 0-{TOP:g} %: from the smallest measured epsilon (a score "
+            "above the baseline is no measurable cost) to where the cost reaches "
+            f"{TOP:g} %, interpolated on log epsilon between measured points:"
         ),
         doc.bullets(range_sentences(rows)),
         calibration_table(rows),
