@@ -24,6 +24,7 @@ from clipray.analysis.calibration import (
     range_sentences,
 )
 from clipray.analysis.importance import param_importances
+from clipray.analysis.plots import epsilon_ticks
 from clipray.analysis.results import CLEAN, CORRUPTED, arm_label, read_results_csv
 from clipray.analysis.stats import Design, bootstrap, holm, pareto_front, rsum_from_ranks
 from clipray.analysis.study_report import (
@@ -201,6 +202,17 @@ def test_the_range_of_epsilon_costing_0_to_15_percent_is_interpolated_on_log_eps
         "Tower image, layer 3: pgd: 0-15 % at epsilon 0.01, the only one measured (above the "
         "baseline, no measurable cost, at 0.01).",
     ]
+
+
+def test_the_epsilon_axis_is_labelled_even_when_its_range_spans_less_than_a_decade():
+    # a study's grid: its own values (the default log ticks label powers of ten only, so 0.002
+    # and 0.008 showed no label at all)
+    assert epsilon_ticks([0.008, 0.002, 0.002, 0.0]) == [0.002, 0.008]
+    sampled = list(np.geomspace(1e-3, 8e-3, 40))  # a searched range: log-spaced labels
+    ticks = epsilon_ticks(sampled)
+    assert len(ticks) == 6 and ticks[0] == 0.001 and ticks[-1] == 0.008
+    assert ticks == sorted(ticks) and all(1e-3 <= t <= 8e-3 for t in ticks)
+    assert epsilon_ticks([]) == []
 
 
 @pytest.mark.parametrize("older", ["no columns", "empty columns"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +23,7 @@ DPI = 100  # small PNGs: ~30-80 kB each
 KIND = "perturb.kind"  # pgd (the adversary) or noise (the control): line style
 NOISE_STYLE = "--"
 LEGEND_COLUMNS = 3
+EPSILON_TICKS = 6  # up to this many measured epsilons label the axis themselves
 MARKERS = {  # the Pareto plot's points by kind of arm
     "baseline": {"fmt": "*", "ms": 9, "color": "k"},
     "pgd": {"fmt": "o", "ms": 4, "color": "tab:blue"},
@@ -51,6 +52,26 @@ def _png(fig: Any, bottom: float = 0.0) -> bytes:
     return buf.getvalue()
 
 
+def epsilon_ticks(epsilons: Iterable[float]) -> list[float]:
+    """Where a log epsilon axis is labelled: at the measured values when there are at most
+    ``EPSILON_TICKS`` (a study's grid), else at that many log-spaced points across them. The
+    default log ticks label only powers of ten, so a range under a decade had no labels."""
+    values = sorted({float(e) for e in epsilons if e > 0})
+    if len(values) <= EPSILON_TICKS:
+        return values
+    logs = np.linspace(math.log10(values[0]), math.log10(values[-1]), EPSILON_TICKS)
+    return [float(f"{10**x:.2g}") for x in logs]
+
+
+def _epsilon_axis(ax: Any, epsilons: list[float]) -> None:
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter("")  # log-scale minor labels overlap
+    ticks = epsilon_ticks(epsilons)
+    if ticks:
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=8)
+    ax.set_xlabel("epsilon")
+
+
 def _groups(effects: Effects, params: Mapping[str, Mapping[str, Any]]) -> dict[str, list[int]]:
     """{line label: arm rows by epsilon}: arms alike in every searched value but epsilon."""
     groups: dict[str, list[int]] = {}
@@ -74,6 +95,7 @@ def epsilon_curves(effects: Effects, params: Mapping[str, Mapping[str, Any]]) ->
     if not groups or not panels:
         return None
     colours = _colours(groups, params, effects)
+    measured = [params[effects.arms[i]][EPSILON] for rows in groups.values() for i in rows]
     legend = 0.15 + 0.17 * math.ceil((len(groups) + 1) / LEGEND_COLUMNS)  # inches, below
     height = 3.6 + legend
     with _figure(1, len(panels), figsize=(5.2 * len(panels), height), squeeze=False) as (fig, axes):
@@ -86,9 +108,7 @@ def epsilon_curves(effects: Effects, params: Mapping[str, Mapping[str, Any]]) ->
             for label, rows in groups.items():
                 values = [params[effects.arms[i]] for i in rows]
                 _line(ax, effects, (rows, e), values, label, colours[label])
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter("")  # log-scale minor labels overlap
-            ax.set_xlabel("epsilon")
+            _epsilon_axis(ax, measured)
             ax.set_ylabel(LABELS[endpoint])
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=LEGEND_COLUMNS, fontsize=7)
@@ -249,9 +269,7 @@ def calibration_curves(curves: list[Curve], top: float) -> bytes | None:
             if field == "cost":
                 for level in (0.0, top):
                     ax.axhline(level, color="0.5", lw=0.8, ls=":")
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter("")
-            ax.set_xlabel("epsilon")
+            _epsilon_axis(ax, [e for c in curves for e in c.epsilon])
             ax.set_ylabel(name, fontsize=8)
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=LEGEND_COLUMNS, fontsize=7)
