@@ -178,14 +178,16 @@ def change_heatmap(effects: Effects) -> bytes | None:
 
 def pareto(effects: Effects, params: Mapping[str, Mapping[str, Any]]) -> bytes | None:
     """Clean against mean corrupted RSUM of every arm (its mean over seeds, 95 % intervals);
-    the Pareto front (no arm better in both) joined and named."""
+    the Pareto front (no arm better in both) joined, numbered and named below the axes."""
     if CLEAN not in effects.endpoints or CORRUPTED not in effects.endpoints:
         return None
     c, k = effects.endpoints.index(CLEAN), effects.endpoints.index(CORRUPTED)
     x, y = effects.level[:, c], effects.level[:, k]
-    front = pareto_front(x, y)
+    front = sorted(pareto_front(x, y), key=lambda i: x[i])  # left to right
+    listing = 0.1 * (len(front) + 1) + 0.1  # inches below the axes: the front's arms by number
+    height = 4.4 + listing
     labelled: set[str] = set()
-    with _figure(figsize=(5.6, 4.4)) as (fig, ax):
+    with _figure(figsize=(5.6, height)) as (fig, ax):
         for i, arm in enumerate(effects.arms):
             kind = "noise" if params.get(arm, {}).get(KIND) == "noise" else "pgd"
             kind = "baseline" if arm == BASELINE_ARM else kind
@@ -197,17 +199,18 @@ def pareto(effects: Effects, params: Mapping[str, Mapping[str, Any]]) -> bytes |
             )  # fmt: skip
             labelled.add(kind)
         ax.plot(x[front], y[front], color="tab:red", lw=1, label="Pareto front")
-        for i in front:
-            right = x[i] > np.nanmean(x)  # name the right half's points on their left
-            where = {"xytext": (-3 if right else 3, 3), "textcoords": "offset points"}
+        for n, i in enumerate(front, 1):  # numbers on the plot, names below: long names overlap
             ax.annotate(
-                effects.arms[i], (x[i], y[i]), fontsize=6, ha="right" if right else "left", **where
-            )
+                str(n), (x[i], y[i]), xytext=(3, 3), textcoords="offset points", fontsize=7,
+                color="tab:red",
+            )  # fmt: skip
+        names = "\n".join(f"{n}: {effects.arms[i]}" for n, i in enumerate(front, 1))
+        fig.text(0.02, 0.01, f"Pareto front, left to right:\n{names}", fontsize=6, va="bottom")
         ax.set_xlabel(LABELS[CLEAN])
         ax.set_ylabel(LABELS[CORRUPTED])
         ax.legend(fontsize=7)
         ax.set_title("clean against corrupted retrieval (arm means)", fontsize=9)
-        return _png(fig)
+        return _png(fig, bottom=listing / height)
 
 
 def importance_bars(importances: Mapping[str, Mapping[str, float]]) -> bytes | None:
