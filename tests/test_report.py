@@ -213,6 +213,10 @@ def test_the_epsilon_axis_is_labelled_even_when_its_range_spans_less_than_a_deca
     assert len(ticks) == 6 and ticks[0] == 0.001 and ticks[-1] == 0.008
     assert ticks == sorted(ticks) and all(1e-3 <= t <= 8e-3 for t in ticks)
     assert epsilon_ticks([]) == []
+    # sampled values close together (0.00248, 0.003): their labels would collide, so the axis
+    # takes log-spaced 2-digit points instead
+    close = epsilon_ticks([0.00104294, 0.00248417, 0.00300358, 0.00442466])
+    assert close == [0.001, 0.0014, 0.0019, 0.0025, 0.0033, 0.0044]
 
 
 @pytest.mark.parametrize("older", ["no columns", "empty columns"])

@@ -53,14 +53,18 @@ def _png(fig: Any, bottom: float = 0.0) -> bytes:
 
 
 def epsilon_ticks(epsilons: Iterable[float]) -> list[float]:
-    """Where a log epsilon axis is labelled: at the measured values when there are at most
-    ``EPSILON_TICKS`` (a study's grid), else at that many log-spaced points across them. The
+    """Where a log epsilon axis is labelled: at the measured values when they are few (up to
+    ``EPSILON_TICKS``) and evenly enough spread for their labels not to collide (a study's
+    grid), else at that many log-spaced, 2-digit points across them (a searched range). The
     default log ticks label only powers of ten, so a range under a decade had no labels."""
     values = sorted({float(e) for e in epsilons if e > 0})
-    if len(values) <= EPSILON_TICKS:
+    logs = [math.log10(v) for v in values]
+    span = logs[-1] - logs[0] if values else 0.0
+    gaps = [b - a for a, b in zip(logs, logs[1:], strict=False)]
+    if len(values) <= EPSILON_TICKS and all(g >= span / EPSILON_TICKS for g in gaps):
         return values
-    logs = np.linspace(math.log10(values[0]), math.log10(values[-1]), EPSILON_TICKS)
-    return [float(f"{10**x:.2g}") for x in logs]
+    points = np.linspace(logs[0], logs[-1], EPSILON_TICKS)
+    return list(dict.fromkeys(float(f"{10**x:.2g}") for x in points))
 
 
 def _epsilon_axis(ax: Any, epsilons: list[float]) -> None:
@@ -68,7 +72,7 @@ def _epsilon_axis(ax: Any, epsilons: list[float]) -> None:
     ax.xaxis.set_minor_formatter("")  # log-scale minor labels overlap
     ticks = epsilon_ticks(epsilons)
     if ticks:
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=8)
+        ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], fontsize=8)
     ax.set_xlabel("epsilon")
 
 
